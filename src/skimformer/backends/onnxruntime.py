@@ -1,0 +1,70 @@
+"""ONNX Runtime backend: lower each program with torch's dynamo ONNX exporter, run it with ORT.
+
+The ONNX graph's inputs keep the program's input names; its outputs are renamed to the
+program's output names (`logits`, `present_key_0`, ...) so engines are driven by name.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skimformer.ir import Program
+from skimformer.kernels import decompositions
+
+NAME = "onnxruntime"
+SUFFIX = ".onnx"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter prints progress and registry warnings of its own; ours goes to stderr."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def lower(program: Program, path: Path) -> None:
+    """Write `program` as an ONNX model at `path`."""
+    ep = program.ep
+    if any(str(n.target).startswith("skim.") for n in ep.graph.nodes):
+        ep = ep.run_decompositions(decompositions())  # skim ops become standard ATen, then ONNX
+    with _quiet():
+        onnx_program = torch.onnx.export(ep, (), dynamo=True, verbose=False)
+    outputs = onnx_program.model.graph.outputs
+    for value, name in zip(outputs, program.output_names):
+        value.name = name
+    with _quiet():
+        onnx_program.save(str(path))
+
+
+class Runner:
+    """One ONNX Runtime session, fed and read by name."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {name: np.ascontiguousarray(inputs[name]) for name in self.input_names}
+        return dict(zip(self.output_names, self.session.run(None, feeds)))

@@ -1,0 +1,1 @@
+"""cli: the skimformer and optimize commands."""

@@ -1,0 +1,126 @@
+"""The subcommands. Each takes parsed arguments and returns an exit code; errors are raised
+(UserError, VerificationError) and mapped to exit codes in `main`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from skimformer import __version__
+from skimformer.api import optimize_model
+from skimformer.backends.build import check_destination
+from skimformer.backends.engine import Engine
+from skimformer.backends.report import format_table
+from skimformer.cli.progress import Progress
+from skimformer.errors import UserError
+from skimformer.ir import analyze, load
+from skimformer.passes import all_passes, pipeline_from
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+
+
+def cmd_optimize(args) -> int:
+    pipeline = pipeline_from(args.passes, args.config)  # refuse a bad pipeline before any slow work
+    check_destination(Path(args.output), args.force)
+    progress = Progress()
+    model = load(args.model)
+    progress(f"loaded {args.model} ({model.kind}: {', '.join(model.programs)})")
+    engine, report = optimize_model(model, args.output, pipeline, backend=args.backend, measure=args.measure,
+                                    force=args.force, progress=progress, warn=Progress.warn)
+    if args.json:
+        _print_json({"output": str(engine.folder), **report})
+    else:
+        print(format_table(report))
+        print(f"engine written to {engine.folder}")
+    return 0
+
+
+def _structure_text(role: str, s: dict) -> str:
+    lines = [f"[{role}] blocks {s['blocks']}, attention sites {s['attention_sites']}, token axis {s['token_axis']}, "
+             f"kv-cache inputs {s['kv_cache']['inputs']} outputs {s['kv_cache']['outputs']}, "
+             f"heads {', '.join(s['heads']) or 'none'}"]
+    for b in s["detail"]["blocks"]:
+        lines.append(f"  block {b['index']:3d}  {b['path'] or '(no module)'}  {b['nodes']} nodes  "
+                     f"residual {b['input']} -> {b['output']}")
+    for a in s["detail"]["attention"][:1]:
+        lines.append(f"  attention: {a['kind']}, heads {a['heads']}, kv heads {a['kv_heads']}, head dim {a['head_dim']}")
+    if s["skim_ops"]:
+        lines.append(f"  skim ops: {', '.join(s['skim_ops'])}")
+    for io in ("inputs", "outputs"):
+        lines.append(f"  {io}: " + ", ".join(f"{t['name']}{t['shape']}:{t['dtype']}" for t in s[io]))
+    return "\n".join(lines)
+
+
+def cmd_inspect(args) -> int:
+    model = load(args.model)
+    summaries = {role: analyze(p).summary() for role, p in model.programs.items()}
+    if args.json:
+        if len(summaries) == 1:
+            _print_json(next(iter(summaries.values())))
+        else:
+            first = next(iter(summaries.values()))
+            _print_json({**{k: first[k] for k in ("blocks", "attention_sites", "token_axis", "heads")},
+                         "kv_cache": {"inputs": max(s["kv_cache"]["inputs"] for s in summaries.values()),
+                                      "outputs": max(s["kv_cache"]["outputs"] for s in summaries.values())},
+                         "inputs": first["inputs"], "outputs": first["outputs"], "programs": summaries})
+    else:
+        for role, s in summaries.items():
+            print(_structure_text(role, s))
+        if not any(s["attention_sites"] for s in summaries.values()):
+            print("no transformer structure found (no attention sites)")
+    return 0
+
+
+def cmd_passes(args) -> int:
+    passes = {name: {"lossless": cls.lossless, "summary": cls.summary(), "fields": cls.fields()}
+              for name, cls in all_passes().items()}
+    if args.json:
+        _print_json(passes)
+        return 0
+    for name, info in passes.items():
+        fields = ", ".join(f"{f['name']}={json.dumps(f['default'])}" for f in info["fields"])
+        print(f"{name}({fields})  [{'lossless' if info['lossless'] else 'lossy'}]\n    {info['summary']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from skimformer.zoo.hf_export import export_pretrained
+
+    progress = Progress()
+    files = export_pretrained(args.model_dir, args.output, batch=args.batch, seq_len=args.seq_len,
+                              static=args.static, force=args.force, progress=progress)
+    for f in files:
+        print(f)
+    return 0
+
+
+def _read_inputs(path: str, engine: Engine, program: str | None) -> dict:
+    try:
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read inputs ({e}); give an .npz file with one array per input name") from None
+    role = program or engine.roles[0]
+    return {k.removeprefix(f"{role}."): v for k, v in arrays.items() if "." not in k or k.startswith(f"{role}.")}
+
+
+def cmd_run(args) -> int:
+    engine = Engine.load(args.engine)
+    inputs = _read_inputs(args.inputs, engine, args.program) if args.inputs else engine.example_inputs(args.program)
+    outputs = engine.run(inputs, args.program)
+    rows = [{"name": k, "shape": list(v.shape), "sum": float(np.asarray(v, dtype=np.float64).sum())} for k, v in outputs.items()]
+    if args.json:
+        _print_json({"outputs": rows})
+    else:
+        for r in rows:
+            print(f"{r['name']:24s} shape {r['shape']}  sum {r['sum']:.6g}")
+    return 0
+
+
+def cmd_version(_args) -> int:
+    print(f"skimformer {__version__}")
+    return 0

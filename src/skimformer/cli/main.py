@@ -1,0 +1,116 @@
+"""Command-line entry points: `skimformer SUBCOMMAND ...` and `optimize ...`.
+
+Exit codes (DESIGN.md): 0 done; 2 bad input or refused request, one line on stderr; 1 an
+internal error or failed parity, with a hint to report it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from skimformer import __version__
+from skimformer.errors import UserError, VerificationError
+
+BUG_HINT = "this is a skimformer bug: please report it with the command line and the model (set SKIMFORMER_DEBUG=1 for a traceback)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _add_optimize_args(p: argparse.ArgumentParser) -> None:
+    from skimformer.backends import BACKENDS
+
+    p.add_argument("model", help="a .pt2 file from torch.export.save, or a decoder folder (prefill.pt2 + decode.pt2)")
+    p.add_argument("-o", "--output", required=True, help="engine folder to write (refused if it exists, unless --force)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--passes", help='pipeline, e.g. "canonicalize-attention; tome(r=8)"')
+    group.add_argument("--config", help="pipeline as a YAML file (a list under 'passes:')")
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="engine to build (default: onnxruntime)")
+    p.add_argument("--measure", action="store_true", help="also time the engine against the unoptimized engine")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from skimformer.cli import commands as c
+
+    parser = _Parser(prog="skimformer", description="A compiler for transformer inference.")
+    parser.add_argument("--version", action="version", version=f"skimformer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("optimize", help="rewrite a model with passes and build an engine")
+    _add_optimize_args(p)
+    p.set_defaults(func=c.cmd_optimize)
+
+    p = sub.add_parser("inspect", help="print a model's transformer structure")
+    p.add_argument("model", help="a .pt2 file or a decoder folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=c.cmd_inspect)
+
+    p = sub.add_parser("passes", help="list the registered passes and their fields")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=c.cmd_passes)
+
+    p = sub.add_parser("export", help="export a transformers model folder to .pt2 programs")
+    p.add_argument("model_dir", help="a folder with config.json (and weights; none gives random weights)")
+    p.add_argument("-o", "--output", required=True, help="folder to write model.pt2, or prefill.pt2 + decode.pt2")
+    p.add_argument("--batch", type=int, default=2, help="batch size of the example inputs (default 2)")
+    p.add_argument("--seq-len", type=int, default=16, help="tokens in the example inputs (default 16)")
+    p.add_argument("--static", action="store_true", help="fix batch and sequence length instead of keeping them dynamic")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=c.cmd_export)
+
+    p = sub.add_parser("run", help="run an engine folder on inputs and print output shapes and checksums")
+    p.add_argument("engine", help="an engine folder written by optimize")
+    p.add_argument("--inputs", help=".npz with one array per input name (default: the stored example inputs)")
+    p.add_argument("--program", help="which program of a decoder engine to run (default: the first)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=c.cmd_run)
+    return parser
+
+
+def _dispatch(argv: list[str], parser: argparse.ArgumentParser) -> int:
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors: argparse already printed its line
+        return int(e.code or 0)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except VerificationError as e:
+        print(f"error: {e}; {BUG_HINT}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # the last line of defence: one line, exit 1, traceback on request
+        if os.environ.get("SKIMFORMER_DEBUG"):
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"internal error: {type(e).__name__}: {first}; {BUG_HINT}", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _dispatch(sys.argv[1:] if argv is None else argv, build_parser())
+
+
+def optimize_entry(argv: list[str] | None = None) -> int:
+    """`optimize MODEL -o DIR ...`, the same as `skimformer optimize`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["--version"],):
+        return main(argv)
+    return main(["optimize", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

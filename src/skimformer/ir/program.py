@@ -1,0 +1,136 @@
+"""`Program`: one ExportedProgram, its user-facing names and its example inputs; `Model`: the
+programs a model is made of (`model`, or `prefill` + `decode` for a causal LM)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils import _pytree as pytree
+
+from skimformer.ir.example_inputs import synthesize_inputs
+
+
+def _dim(size) -> int | str:
+    return int(size) if not isinstance(size, torch.SymInt) else str(size)
+
+
+def _key_name(path) -> str:
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return ".".join(parts)
+
+
+def leaf_names(spec: pytree.TreeSpec, fallback: str) -> list[str]:
+    """Names for the flattened leaves of a pytree spec: dict keys and attributes where the
+    program returned a dict or ModelOutput, `output_<i>` otherwise."""
+    n = spec.num_leaves
+    try:
+        tree = pytree.tree_unflatten(list(range(n)), spec)
+        names = [_key_name(p) for p, _ in pytree.tree_flatten_with_path(tree)[0]]
+    except Exception:  # a custom container that will not rebuild from placeholders
+        names = []
+    if len(names) != n or len(set(names)) != n or not all(names):
+        return [fallback] if n == 1 else [f"{fallback}_{i}" for i in range(n)]
+    return names
+
+
+@dataclass(eq=False)
+class Program:
+    """An ExportedProgram plus what skimformer needs to run and compare it by name."""
+
+    ep: ExportedProgram
+    role: str = "model"
+    example_inputs: dict[str, torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if self.example_inputs is None:
+            self.example_inputs = self._stored_example_inputs() or synthesize_inputs(self)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.arg.name for s in self.ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+
+    @cached_property
+    def output_names(self) -> list[str]:
+        return leaf_names(self.ep.call_spec.out_spec, "output")
+
+    def input_nodes(self) -> list[torch.fx.Node]:
+        by_name = {n.name: n for n in self.ep.graph.nodes if n.op == "placeholder"}
+        return [by_name[name] for name in self.input_names]
+
+    def output_nodes(self) -> list[torch.fx.Node]:
+        out = next(n for n in self.ep.graph.nodes if n.op == "output")
+        specs = self.ep.graph_signature.output_specs
+        return [node for node, spec in zip(out.args[0], specs) if spec.kind == OutputKind.USER_OUTPUT]
+
+    def _specs(self, nodes, names) -> list[dict]:
+        specs = []
+        for node, name in zip(nodes, names):
+            v = node.meta.get("val")
+            if isinstance(v, torch.Tensor):
+                specs.append({"name": name, "shape": [_dim(s) for s in v.shape], "dtype": str(v.dtype).removeprefix("torch.")})
+            else:
+                specs.append({"name": name, "shape": [], "dtype": type(v).__name__})
+        return specs
+
+    def input_specs(self) -> list[dict]:
+        return self._specs(self.input_nodes(), self.input_names)
+
+    def output_specs(self) -> list[dict]:
+        return self._specs(self.output_nodes(), self.output_names)
+
+    def _stored_example_inputs(self) -> dict[str, torch.Tensor] | None:
+        stored = getattr(self.ep, "example_inputs", None)
+        if not stored:
+            return None
+        leaves = pytree.tree_leaves(stored)
+        if len(leaves) != len(self.input_names) or not all(isinstance(t, torch.Tensor) for t in leaves):
+            return None
+        return dict(zip(self.input_names, leaves))
+
+    @cached_property
+    def module(self) -> torch.nn.Module:
+        return self.ep.module()
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run the program on named inputs; returns named outputs."""
+        flat = [inputs[name] for name in self.input_names]
+        args, kwargs = pytree.tree_unflatten(flat, self.ep.call_spec.in_spec)
+        with torch.no_grad():
+            out = self.module(*args, **kwargs)
+        return dict(zip(self.output_names, pytree.tree_leaves(out)))
+
+    def save(self, path: str | Path) -> None:
+        torch.export.save(self.ep, str(path))
+
+    def with_ep(self, ep: ExportedProgram) -> "Program":
+        """The same role and example inputs over a rewritten ExportedProgram."""
+        return Program(ep=ep, role=self.role, example_inputs=dict(self.example_inputs))
+
+
+@dataclass
+class Model:
+    """What a user hands skimformer: one program, or a causal LM's prefill and decode programs."""
+
+    programs: dict[str, Program]
+    source: Path | None = None
+    extra_files: list[Path] = field(default_factory=list)  # tokenizer and config files beside a decoder
+
+    @property
+    def is_decoder(self) -> bool:
+        return "prefill" in self.programs and "decode" in self.programs
+
+    @property
+    def kind(self) -> str:
+        return "decoder" if self.is_decoder else "encoder"
+
+    def replace(self, programs: dict[str, Program]) -> "Model":
+        return Model(programs=programs, source=self.source, extra_files=list(self.extra_files))

@@ -1,0 +1,55 @@
+"""Re-export an edited graph: the route by which every rewrite becomes a fresh ExportedProgram.
+
+Passes edit the graph of `program.ep.module()` and hand it back here; exporting it again on the
+program's example inputs, with the same dimensions dynamic, gives correct fake-tensor shapes for
+every node and a proper graph signature (DESIGN.md). Original nodes keep their
+`nn_module_stack`; inserted nodes carry `meta["skim"]` so later analyses know them.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from skimformer.ir.program import Program
+
+
+def dynamic_dims(program: Program) -> list[dict[int, object]]:
+    """Per user input, the dimensions that are symbolic in the program."""
+    out = []
+    for node in program.input_nodes():
+        val = node.meta.get("val")
+        dims = {}
+        if isinstance(val, torch.Tensor):
+            dims = {i: torch.export.Dim.DYNAMIC for i, s in enumerate(val.shape) if isinstance(s, torch.SymInt)}
+        out.append(dims)
+    return out
+
+
+def _by_parameter(module: torch.nn.Module, args: tuple, kwargs: dict, specs_args, specs_kwargs) -> dict:
+    sig = inspect.signature(module.forward)
+    bound = sig.bind(*specs_args, **specs_kwargs).arguments
+    sig.bind(*args, **kwargs)  # fail early if the module no longer takes these inputs
+    return dict(bound)
+
+
+def tag(node: fx.Node, pass_name: str) -> fx.Node:
+    """Mark a node as inserted by a pass."""
+    node.meta["skim"] = pass_name
+    return node
+
+
+def reexport(program: Program, module: torch.nn.Module) -> Program:
+    """Export `module` (an edited `program.ep.module()`) again, same inputs, same dynamic dims."""
+    flat = [program.example_inputs[name] for name in program.input_names]
+    spec = program.ep.call_spec.in_spec
+    args, kwargs = pytree.tree_unflatten(flat, spec)
+    ds_args, ds_kwargs = pytree.tree_unflatten(dynamic_dims(program), spec)
+    if isinstance(module, fx.GraphModule):
+        module.graph.lint()
+        module.recompile()
+    dynamic = _by_parameter(module, args, kwargs, ds_args, ds_kwargs)
+    ep = torch.export.export(module, tuple(args), dict(kwargs), dynamic_shapes=dynamic or None, strict=False)
+    return program.with_ep(ep)

@@ -1,0 +1,14 @@
+"""kernels: the `skim` custom ops that passes insert, with their references.
+
+Importing this package registers every op with torch.library, which loading a rewritten
+program needs; `decompositions()` maps each op to its plain-torch reference, the ATen form that
+backends lower (ONNX Runtime runs it as standard ONNX ops).
+"""
+from skimformer.kernels import tokens
+
+
+def decompositions() -> dict:
+    return dict(tokens.REFERENCES)
+
+
+__all__ = ["decompositions", "tokens"]

@@ -1,0 +1,183 @@
+"""Token selection ops inserted by token-reduction passes: `skim::topk_tokens`,
+`skim::gather_tokens`, `skim::fuse_tokens`, `skim::restore_tokens`, `skim::token_scores`.
+
+Each op has a schema and fake implementation (so programs holding it export, save and load), a
+plain-torch reference (the definition of correct, and the ATen decomposition every backend
+lowers it through), registered in `skimformer.kernels.registry`.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+from torch import Tensor
+
+NEG = -1e30  # a score no real token reaches
+
+
+def _batch_index(idx: Tensor, like: Tensor, dim: int) -> Tensor:
+    """Expand `[B, K]` indices to gather along `dim` of `like` (batch first)."""
+    shape = [1] * like.dim()
+    shape[0], shape[dim] = idx.shape[0], idx.shape[1]
+    view = idx.reshape(shape)
+    target = list(like.shape)
+    target[dim] = idx.shape[1]
+    return view.expand(target)
+
+
+def gather_tokens_ref(x: Tensor, idx: Tensor, dim: int) -> Tensor:
+    """`x` with only the tokens `idx[b]` along `dim`, per batch row (broadcast batch of 1 too)."""
+    if x.shape[0] != idx.shape[0]:
+        x = x.expand(idx.shape[0], *x.shape[1:])
+    return torch.gather(x, dim, _batch_index(idx, x, dim))
+
+
+def kept_count(n, keep: float, protect: int):
+    """Tokens a `keep` fraction leaves: the protected ones plus ceil(keep * the rest), at least
+    one. Integer arithmetic, so a symbolic token count stays symbolic."""
+    frac = Fraction(keep).limit_denominator(1000)
+    # ceil division on non-negative numbers only: ONNX integer division truncates toward zero
+    rest = ((n - protect) * frac.numerator + frac.denominator - 1) // frac.denominator
+    return protect + (torch.sym_max(1, rest) if isinstance(rest, torch.SymInt) else max(1, rest))
+
+
+def valid_tokens(mask: Tensor | None, scores: Tensor) -> Tensor:
+    """`[B, N]` True for real tokens, from an attention mask (boolean keep-mask or additive)."""
+    if mask is None:
+        return torch.ones_like(scores, dtype=torch.bool)
+    row = mask[:, 0, 0, :] if mask.dim() == 4 else mask
+    valid = row if row.dtype == torch.bool else row > NEG / 2
+    return valid.expand_as(scores)
+
+
+def topk_tokens_ref(scores: Tensor, mask: Tensor | None, keep: float, protect: int) -> Tensor:
+    """Indices `[B, kept_count]`: the first `protect` tokens, then the best-scored others, real
+    tokens before padding, in their original order."""
+    k = kept_count(scores.shape[1], keep, protect) - protect
+    # Padding scores below every real token and, ties broken by position, the same padding is
+    # chosen by every backend (top-k implementations order equal values differently).
+    rank = torch.arange(scores.shape[1] - protect, device=scores.device, dtype=scores.dtype)
+    body = torch.where(valid_tokens(mask, scores)[:, protect:], scores[:, protect:], NEG - rank * 1e24)
+    best = torch.sort(torch.topk(body, k, dim=1).indices + protect, dim=1).values
+    head = torch.arange(protect, device=scores.device).expand(scores.shape[0], protect)
+    return torch.cat([head, best], dim=1)
+
+
+def fuse_tokens_ref(x: Tensor, scores: Tensor, mask: Tensor | None, idx: Tensor, dim: int) -> Tensor:
+    """One token: the mean of the real tokens not in `idx`, weighted by softmax of their scores."""
+    weights = torch.softmax(scores.masked_fill(~valid_tokens(mask, scores), NEG), dim=1)
+    weights = weights * torch.ones_like(weights).scatter(1, idx, 0.0)
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = weights.shape[0], weights.shape[1]
+    return (x * weights.reshape(shape)).sum(dim=dim, keepdim=True)
+
+
+def restore_tokens_ref(x: Tensor, src: Tensor, dim: int) -> Tensor:
+    """Undo a reduction for a per-token output: original token i takes `x[src[b, i]]`."""
+    return gather_tokens_ref(x, src, dim)
+
+
+def token_sources_ref(idx: Tensor, n: int, fill: int) -> Tensor:
+    """`[B, n]`: for each original token, its index among the kept ones (`fill` if dropped)."""
+    src = torch.full((idx.shape[0], n), fill, dtype=torch.int64, device=idx.device)
+    order = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape[0], idx.shape[1])
+    return src.scatter(1, idx, order)
+
+
+def token_scores_ref(q: Tensor, k: Tensor, mask: Tensor | None, scale: float, mode: int) -> Tensor:
+    """Importance of each key token `[B, N]`, averaged over heads.
+
+    mode 0: the first query's attention row ([CLS] attention, EViT); mode 1: attention received,
+    averaged over all queries; mode 2: minus the key norm (small keys draw attention).
+    q, k: `[B, H, N, D]`; mask: additive float or boolean keep-mask broadcastable to `[B, H, N, N]`.
+    """
+    if mode == 2:
+        return -k.norm(dim=-1).mean(dim=1)
+    queries = q[:, :, :1] if mode == 0 else q
+    logits = queries @ k.transpose(-1, -2) * scale
+    if mask is not None:
+        rows = mask[:, :, :1] if mode == 0 and mask.shape[-2] != 1 else mask
+        logits = logits.masked_fill(~rows, NEG) if rows.dtype == torch.bool else logits + rows
+    return torch.softmax(logits, dim=-1).mean(dim=(1, 2))
+
+
+@torch.library.custom_op("skim::gather_tokens", mutates_args=())
+def gather_tokens(x: Tensor, idx: Tensor, dim: int) -> Tensor:
+    return gather_tokens_ref(x, idx, dim)
+
+
+@gather_tokens.register_fake
+def _(x, idx, dim):
+    shape = list(x.shape)
+    shape[0], shape[dim] = idx.shape[0], idx.shape[1]
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("skim::restore_tokens", mutates_args=())
+def restore_tokens(x: Tensor, src: Tensor, dim: int) -> Tensor:
+    return restore_tokens_ref(x, src, dim)
+
+
+@restore_tokens.register_fake
+def _(x, src, dim):
+    shape = list(x.shape)
+    shape[0], shape[dim] = src.shape[0], src.shape[1]
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("skim::topk_tokens", mutates_args=())
+def topk_tokens(scores: Tensor, mask: Tensor | None, keep: float, protect: int) -> Tensor:
+    return topk_tokens_ref(scores, mask, keep, protect)
+
+
+@topk_tokens.register_fake
+def _(scores, mask, keep, protect):
+    return scores.new_empty((scores.shape[0], kept_count(scores.shape[1], keep, protect)), dtype=torch.int64)
+
+
+@torch.library.custom_op("skim::fuse_tokens", mutates_args=())
+def fuse_tokens(x: Tensor, scores: Tensor, mask: Tensor | None, idx: Tensor, dim: int) -> Tensor:
+    return fuse_tokens_ref(x, scores, mask, idx, dim)
+
+
+@fuse_tokens.register_fake
+def _(x, scores, mask, idx, dim):
+    shape = list(x.shape)
+    shape[dim] = 1
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("skim::token_scores", mutates_args=())
+def token_scores(q: Tensor, k: Tensor, mask: Tensor | None, scale: float, mode: int) -> Tensor:
+    return token_scores_ref(q, k, mask, scale, mode)
+
+
+@token_scores.register_fake
+def _(q, k, mask, scale, mode):
+    return q.new_empty((q.shape[0], k.shape[-2]))
+
+
+@torch.library.custom_op("skim::token_sources", mutates_args=())
+def token_sources(idx: Tensor, n: int, fill: int) -> Tensor:
+    return token_sources_ref(idx, n, fill)
+
+
+@token_sources.register_fake
+def _(idx, n, fill):
+    return idx.new_empty((idx.shape[0], n))
+
+
+REFERENCES = {
+    torch.ops.skim.token_sources.default: token_sources_ref,
+    torch.ops.skim.gather_tokens.default: gather_tokens_ref,
+    torch.ops.skim.restore_tokens.default: restore_tokens_ref,
+    torch.ops.skim.topk_tokens.default: topk_tokens_ref,
+    torch.ops.skim.fuse_tokens.default: fuse_tokens_ref,
+    torch.ops.skim.token_scores.default: token_scores_ref,
+}
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

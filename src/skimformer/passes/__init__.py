@@ -1,0 +1,12 @@
+"""passes: Program -> Program rewrites, their registry, pipeline grammar and manager.
+
+Importing this package registers every pass (one module each).
+"""
+from skimformer.passes import canonicalize_attention, prune  # noqa: F401  (registers the passes)
+from skimformer.passes.base import ModelResult, Pass, PassResult
+from skimformer.passes.manager import PassManager, PassRecord
+from skimformer.passes.registry import all_passes, get_pass, register
+from skimformer.passes.spec import pipeline_from
+
+__all__ = ["ModelResult", "Pass", "PassManager", "PassRecord", "PassResult", "all_passes", "get_pass",
+           "pipeline_from", "register"]

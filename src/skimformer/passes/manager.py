@@ -1,0 +1,107 @@
+"""PassManager: run a pipeline over a model, re-check shapes after each pass, and verify it.
+
+Lossless passes must reproduce the input program's outputs on its example inputs within
+DESIGN.md's tolerance (max-abs error <= 1e-4 * max(1, max|reference|), fp32); a lossy pass is
+measured instead (cosine of outputs, top-1 agreement), and the figures go into the report.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from skimformer.errors import VerificationError
+from skimformer.ir import Model
+from skimformer.passes.spec import Step, config_dict
+
+TOLERANCE = 1e-4
+
+
+def max_abs_error(reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor]) -> tuple[float, bool]:
+    """Largest absolute difference over shared outputs, and whether it is within tolerance."""
+    worst, ok = 0.0, True
+    for name, ref in reference.items():
+        got = candidate[name]
+        ref_t, got_t = torch.as_tensor(ref).double(), torch.as_tensor(got).double()
+        if ref_t.shape != got_t.shape:
+            return float("inf"), False
+        if ref_t.numel() == 0:
+            continue
+        err = (ref_t - got_t).abs().max().item()
+        worst = max(worst, err)
+        ok = ok and err <= TOLERANCE * max(1.0, ref_t.abs().max().item())
+    return worst, ok
+
+
+def fidelity(reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-output agreement of a lossy rewrite: cosine similarity, and top-1 agreement for
+    outputs whose last axis is a distribution (logits)."""
+    metrics = {}
+    for name, ref in reference.items():
+        got = candidate.get(name)
+        if got is None or not ref.is_floating_point() or got.shape != ref.shape or ref.numel() == 0:
+            continue
+        r, g = ref.double().flatten(), got.double().flatten()
+        metrics[f"{name}.cosine"] = float(torch.nn.functional.cosine_similarity(r, g, dim=0))
+        if name.endswith("logits") and ref.dim() >= 2:
+            metrics[f"{name}.top1_agreement"] = float((ref.argmax(-1) == got.argmax(-1)).double().mean())
+    return metrics
+
+
+@dataclass
+class PassRecord:
+    name: str
+    config: dict
+    lossless: bool
+    matched: int
+    report: dict
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "config": self.config, "lossless": self.lossless, "matched": self.matched,
+                "report": self.report, "seconds": round(self.seconds, 3)}
+
+
+def run_model(model: Model) -> dict[str, dict[str, torch.Tensor]]:
+    return {role: program.run(program.example_inputs) for role, program in model.programs.items()}
+
+
+class PassManager:
+    def __init__(self, pipeline: list[Step], progress: Callable[[str], None] = lambda msg: None):
+        self.pipeline = pipeline
+        self.progress = progress
+
+    def run(self, model: Model) -> tuple[Model, list[PassRecord], dict[str, float]]:
+        """The rewritten model, a record per pass, and fidelity metrics of lossy passes against the
+        input model."""
+        records: list[PassRecord] = []
+        original = run_model(model) if self.pipeline else {}
+        for cls, config in self.pipeline:
+            self.progress(f"pass {cls.name}")
+            before, start = model, time.perf_counter()
+            result = cls().apply_model(model, config)
+            model = result.model
+            for program in model.programs.values():
+                program.ep.graph.lint()
+            if cls.lossless and result.matched:
+                self._verify_lossless(cls.name, before, model)
+            records.append(PassRecord(cls.name, config_dict(config), cls.lossless, result.matched,
+                                      result.report, time.perf_counter() - start))
+        metrics = {}
+        if any(not r.lossless and r.matched for r in records):
+            rewritten = run_model(model)
+            for role in original:
+                for key, value in fidelity(original[role], rewritten[role]).items():
+                    metrics[key if len(original) == 1 else f"{role}.{key}"] = value
+        return model, records, metrics
+
+    @staticmethod
+    def _verify_lossless(name: str, before: Model, after: Model) -> None:
+        want, got = run_model(before), run_model(after)
+        for role in want:
+            err, ok = max_abs_error(want[role], got[role])
+            if not ok:
+                raise VerificationError(f"lossless pass {name} changed the {role} program's outputs "
+                                        f"(max abs error {err:.3g})")

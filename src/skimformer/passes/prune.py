@@ -1,0 +1,123 @@
+"""prune: EViT-style token pruning (Liang et al., ICLR 2022, arXiv 2202.07800). Lossy.
+
+After each block in `at`, keep the `keep` fraction of tokens that the block's attention rates
+highest and fuse the others into one token weighted by their scores; every later block runs on
+the shorter sequence. Scores (`score`): `cls` is the [CLS] query's attention row, recomputed
+next to the fused attention (one row, not the full matrix); `mean-attention` the attention each
+token receives, averaged over queries; `key-norm` the attention-free baseline (small keys draw
+attention). The first `protect` tokens ([CLS] and other leading special tokens) are always kept;
+padding is dropped before any real token. Per-token outputs are restored to every original
+token (dropped ones take the fused token's value) and reported as approximate.
+Ordering: runs on SDPA attention (eager sites are canonicalized first); put it before passes
+that lower attention further.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.fx as fx
+
+from skimformer.errors import UserError
+from skimformer.ir.attention import find_attention
+from skimformer.ir.blocks import find_blocks
+from skimformer.ir.graph import shape
+from skimformer.ir.program import Program
+from skimformer.ir.rewrite import reexport
+from skimformer.ir.shrink import Reduction, shrink_tokens
+from skimformer.kernels.tokens import default_scale, kept_count
+from skimformer.passes.base import Pass, PassResult
+from skimformer.passes.canonicalize_attention import CanonicalizeAttention
+from skimformer.passes.registry import register
+from skimformer.passes.token_report import token_report
+
+SCORES = {"cls": 0, "mean-attention": 1, "key-norm": 2}
+skim = torch.ops.skim
+aten = torch.ops.aten
+
+
+@dataclass
+class PruneConfig:
+    keep: float = 0.7
+    at: list[int] = field(default_factory=lambda: [4, 7, 10])
+    score: Literal["cls", "mean-attention", "key-norm"] = "cls"
+    fuse: bool = True
+    protect: int = 1
+
+    def __post_init__(self):
+        if not 0 < self.keep <= 1:
+            raise ValueError(f"keep is the fraction of tokens kept, in (0, 1]; got {self.keep}")
+        if self.protect < 0 or any(k < 0 for k in self.at):
+            raise ValueError("protect and the layer indices in `at` must be >= 0")
+
+
+def _reduction(site, config: PruneConfig, dim: int):
+    """The reduce callback for `shrink_tokens`: score, select, gather, fuse."""
+    q, k = site.q, site.k
+    scale = site.node.kwargs.get("scale") or default_scale(shape(q)[-1])
+    fuse = config.fuse and config.keep < 1
+
+    def reduce(graph: fx.Graph, x: fx.Node) -> Reduction:
+        n = shape(x)[dim]
+        call = graph.call_function
+        scores = call(skim.token_scores.default, (q, k, site.mask, float(scale), SCORES[config.score]))
+        idx = call(skim.topk_tokens.default, (scores, site.mask, float(config.keep), config.protect))
+        kept = call(skim.gather_tokens.default, (x, idx, dim))
+        nodes = {scores, idx, kept}
+        static = isinstance(n, int)
+        count = kept_count(n, config.keep, config.protect) if static else None
+        total = count if static else call(aten.sym_size.int, (idx, 1))
+        size = n if static else call(aten.sym_size.int, (x, dim))
+        if not static:
+            nodes |= {total, size}
+        out, side = kept, idx
+        if fuse:
+            fused = call(skim.fuse_tokens.default, (x, scores, site.mask, idx, dim))
+            out = call(aten.cat.default, ([kept, fused], dim))
+            first = call(aten.slice.Tensor, (idx, 1, 0, 1))
+            side = call(aten.cat.default, ([idx, first], 1))
+            nodes |= {fused, out, first, side}
+            count = count + 1 if count is not None else None
+        sources = call(skim.token_sources.default, (idx, size, total if fuse else 0))
+        nodes.add(sources)
+        return Reduction(x=out, count=count, side_index=side, sources=sources, nodes=nodes)
+
+    return reduce
+
+
+def _prune_after(program: Program, layer: int, config: PruneConfig) -> Program:
+    module = program.ep.module()
+    graph = module.graph
+    blocks = find_blocks(graph, find_attention(graph), set())
+    if layer >= len(blocks):
+        raise UserError(f"prune(at=[{layer}]): the model has {len(blocks)} blocks (0-based indices up to {len(blocks) - 1})")
+    block = blocks[layer]
+    if block.output is None or block.input_axis is None or not block.input_axis.plain:
+        raise UserError(f"prune: block {layer} has no residual stream with a token axis that can be reduced")
+    axis = block.input_axis
+    token_axis = type(axis)(axis.dim, shape(block.output)[axis.dim])
+    shrink_tokens(graph, block.output, token_axis, _reduction(block.attention[0], config, axis.dim))
+    graph.eliminate_dead_code()
+    return reexport(program, module)
+
+
+@register
+class Prune(Pass):
+    """EViT-style pruning: keep the top tokens by attention after chosen blocks, fuse the rest (lossy)."""
+
+    name = "prune"
+    Config = PruneConfig
+    lossless = False
+
+    def apply(self, program: Program, config: PruneConfig) -> PassResult:
+        canonical = CanonicalizeAttention().apply(program, CanonicalizeAttention.Config()).program
+        if not find_attention(canonical.ep.graph):
+            return PassResult(program, {"reason": "no attention"}, 0)
+        current = canonical
+        for layer in sorted(set(config.at)):
+            current = _prune_after(current, layer, config)
+        report = token_report(program, current)
+        report["approximate_outputs"] = report.pop("restored_outputs")
+        return PassResult(current, report, len(set(config.at)))

@@ -1,0 +1,52 @@
+"""What a token-reduction pass reports: tokens entering each block and FLOPs, before and after,
+measured on the program's example inputs."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from skimformer.ir.program import Program
+from skimformer.ir.structure import analyze
+
+
+class _BlockShapes(fx.Interpreter):
+    """Runs a graph and records the token count at each block's residual input."""
+
+    def __init__(self, module, watch: dict[str, int]):
+        super().__init__(module)
+        self.watch, self.seen = watch, {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.name in self.watch and isinstance(out, torch.Tensor):
+            self.seen[n.name] = int(out.shape[self.watch[n.name]])
+        return out
+
+
+def tokens_per_block(program: Program) -> list[int | None]:
+    blocks = analyze(program).blocks
+    watch = {b.input.name: b.input_axis.dim for b in blocks if b.input is not None and b.input_axis is not None}
+    gm = program.ep.module()
+    args = [program.example_inputs[n] for n in program.input_names]
+    interp = _BlockShapes(gm, watch)
+    with torch.no_grad():
+        interp.run(*args)
+    return [interp.seen.get(b.input.name) if b.input is not None else None for b in blocks]
+
+
+def flops(program: Program) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        program.run(program.example_inputs)
+    return int(counter.get_total_flops())
+
+
+def token_report(before: Program, after: Program) -> dict:
+    f0, f1 = flops(before), flops(after)
+    restored = sorted({str(n.args[0]) for n in after.ep.graph.nodes
+                       if n.target is torch.ops.skim.restore_tokens.default})
+    return {"tokens_per_block": {"before": tokens_per_block(before), "after": tokens_per_block(after)},
+            "flops": {"before": f0, "after": f1, "ratio": round(f1 / f0, 4) if f0 else None},
+            "restored_outputs": [name for name, node in zip(after.output_names, after.output_nodes())
+                                 if node.target is torch.ops.skim.restore_tokens.default] or restored[:0]}

@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny transformers exported with torch.export (seconds each, cached per session)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers as tf
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.manual_seed(0)
+
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+DYN = torch.export.Dim.DYNAMIC
+
+
+class TextEncoder(torch.nn.Module):
+    """The encoder convention of DESIGN.md around any transformers text model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids, attention_mask):
+        out = self.m(input_ids=input_ids, attention_mask=attention_mask)
+        return {"last_hidden_state": out[0]}
+
+
+class VisionEncoder(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, pixel_values):
+        return {"last_hidden_state": self.m(pixel_values=pixel_values)[0]}
+
+
+def text_inputs(batch=2, seq=12, vocab=300):
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if batch > 1:
+        mask[1, seq * 3 // 4:] = 0
+    return torch.randint(3, vocab, (batch, seq)), mask
+
+
+def export_text(model, dynamic=True, batch=2, seq=12):
+    ids, mask = text_inputs(batch, seq)
+    shapes = ({0: DYN, 1: DYN}, {0: DYN, 1: DYN}) if dynamic else None
+    return torch.export.export(TextEncoder(model.eval()), (ids, mask), dynamic_shapes=shapes)
+
+
+def export_vision(model, dynamic=True, image=32):
+    shapes = ({0: DYN},) if dynamic else None
+    return torch.export.export(VisionEncoder(model.eval()), (torch.randn(2, 3, image, image),), dynamic_shapes=shapes)
+
+
+FAMILIES = {
+    "bert": lambda impl: tf.BertModel._from_config(tf.BertConfig(vocab_size=300, **SMALL), attn_implementation=impl),
+    "distilbert": lambda impl: tf.DistilBertModel._from_config(
+        tf.DistilBertConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, hidden_dim=128), attn_implementation=impl),
+    "albert": lambda impl: tf.AlbertModel._from_config(
+        tf.AlbertConfig(vocab_size=300, embedding_size=32, **SMALL), attn_implementation=impl),
+    "gpt2": lambda impl: tf.GPT2LMHeadModel._from_config(
+        tf.GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4), attn_implementation=impl),
+    "llama": lambda impl: tf.LlamaForCausalLM._from_config(
+        tf.LlamaConfig(vocab_size=300, num_key_value_heads=2, **SMALL), attn_implementation=impl),
+}
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """`exported(family, impl="sdpa", dynamic=True)` -> path of a saved .pt2 (cached)."""
+    cache = {}
+    root = tmp_path_factory.mktemp("exported")
+
+    def get(family: str, impl: str = "sdpa", dynamic: bool = True):
+        key = (family, impl, dynamic)
+        if key not in cache:
+            torch.manual_seed(0)
+            if family == "vit":
+                model = tf.ViTModel._from_config(tf.ViTConfig(image_size=32, patch_size=8, **SMALL), attn_implementation=impl)
+                ep = export_vision(model, dynamic)
+            else:
+                ep = export_text(FAMILIES[family](impl), dynamic)
+            path = root / f"{family}-{impl}-{'dyn' if dynamic else 'static'}.pt2"
+            torch.export.save(ep, path)
+            cache[key] = path
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory):
+    """A tiny Llama exported as a decoder folder (prefill.pt2 + decode.pt2) by the zoo."""
+    from skimformer.zoo import export_zoo
+
+    out = tmp_path_factory.mktemp("decoder") / "llama"
+    export_zoo("llama", out, size="tiny")
+    return out
