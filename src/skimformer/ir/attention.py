@@ -46,6 +46,18 @@ class AttentionSite:
                 "head_dim": self.head_dim, "masked": self.mask is not None}
 
 
+def sdpa_mask(node: fx.Node) -> fx.Node | None:
+    """The `attn_mask` argument of a fused attention node, wherever it was passed."""
+    return node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+
+
+def set_sdpa_mask(node: fx.Node, mask: fx.Node | None) -> None:
+    if len(node.args) > 3:
+        node.update_arg(3, mask)
+    else:
+        node.update_kwarg("attn_mask", mask)
+
+
 def _size(x):
     if x is None:
         return None

@@ -7,10 +7,13 @@ every node and a proper graph signature (DESIGN.md). Original nodes keep their
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
 from skimformer.ir.program import Program
@@ -33,6 +36,26 @@ def _by_parameter(module: torch.nn.Module, args: tuple, kwargs: dict, specs_args
     bound = sig.bind(*specs_args, **specs_kwargs).arguments
     sig.bind(*args, **kwargs)  # fail early if the module no longer takes these inputs
     return dict(bound)
+
+
+def refresh_shapes(module: fx.GraphModule) -> None:
+    """Recompute every node's fake value after an in-place edit, in the program's own symbolic
+    shape environment, so a pass can rewrite the same graph again without re-exporting it."""
+    placeholders = [n.meta["val"] for n in module.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode(placeholders)
+    module.recompile()
+    with mode, _allow_real_parameters(mode):
+        FakeTensorProp(module, mode).propagate_dont_convert_inputs(*placeholders)
+
+
+@contextlib.contextmanager
+def _allow_real_parameters(mode):
+    """Parameters are real tensors inside `ep.module()`; let the fake mode read them."""
+    before, mode.allow_non_fake_inputs = mode.allow_non_fake_inputs, True
+    try:
+        yield
+    finally:
+        mode.allow_non_fake_inputs = before
 
 
 def tag(node: fx.Node, pass_name: str) -> fx.Node:

@@ -4,11 +4,11 @@ Importing this package registers every op with torch.library, which loading a re
 program needs; `decompositions()` maps each op to its plain-torch reference, the ATen form that
 backends lower (ONNX Runtime runs it as standard ONNX ops).
 """
-from skimformer.kernels import tokens
+from skimformer.kernels import merge, tokens
 
 
 def decompositions() -> dict:
-    return dict(tokens.REFERENCES)
+    return {**tokens.REFERENCES, **merge.REFERENCES}
 
 
-__all__ = ["decompositions", "tokens"]
+__all__ = ["decompositions", "merge", "tokens"]
