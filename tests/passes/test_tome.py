@@ -110,3 +110,21 @@ def test_cls_is_never_merged():
 def test_decoders_are_refused(tiny_decoder):
     with pytest.raises(UserError, match="causal"):
         PassManager(pipeline_from("tome(r=2)")).run(load(tiny_decoder))
+
+
+def test_cli_optimize_reports_and_inspect_shows_the_merge_ops(exported, tmp_path, capsys):
+    import json
+
+    from skimformer.cli.main import main
+
+    out = tmp_path / "out"
+    assert main(["optimize", str(exported("vit")), "--passes", "tome(r=4)", "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    (entry,) = report["passes"]
+    assert entry["name"] == "tome" and entry["lossless"] is False and entry["matched"] == 2
+    assert entry["report"]["tokens_per_block"]["after"] == [17, 13]
+    assert report["parity"]["ok"] and "last_hidden_state.cosine" in report["fidelity"]
+    capsys.readouterr()
+    assert main(["inspect", str(out / "program.pt2"), "--json"]) == 0
+    ops = json.loads(capsys.readouterr().out)["skim_ops"]
+    assert {"skim.bipartite_match.default", "skim.bipartite_merge.default", "skim.restore_tokens.default"} <= set(ops)

@@ -2,7 +2,10 @@
 
 The engine owns the state between decode steps: every `present_*` output feeds the matching
 `past_*` input of the next step and every `state_*` output the `state_*` input of the same name
-(the decoder convention of DESIGN.md), so passes may add state without changing this loop.
+(the decoder convention of DESIGN.md), so passes may add state without changing this loop. A
+program that returns an `attention_mask` output (prompt pruning keeps fewer tokens in the cache
+than the prompt had) gives the mask of the cache it returns; the loop grows that one instead,
+while position ids keep counting from the prompt's own length.
 """
 from __future__ import annotations
 
@@ -100,6 +103,8 @@ class Engine:
             generated.append(token)
             if len(generated) == max_new_tokens or finished.all():
                 break
+            if "attention_mask" in outputs:  # the mask of the cache the program returned
+                mask = np.asarray(outputs["attention_mask"], dtype=np.int64)
             mask = np.concatenate([mask, np.ones((ids.shape[0], 1), dtype=np.int64)], axis=1)
             feeds = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": next_pos}
             feeds.update({carried_input(k): v for k, v in outputs.items() if carried_input(k)})

@@ -19,6 +19,9 @@ from skimformer.kernels import decompositions
 
 NAME = "onnxruntime"
 SUFFIX = ".onnx"
+# ONNX names every value once: an output named like an input (the `attention_mask` a pruned
+# prefill returns) is stored under this suffix and read back under its own name.
+SAME_AS_INPUT = ":output"
 
 
 @contextlib.contextmanager
@@ -45,8 +48,9 @@ def lower(program: Program, path: Path) -> None:
     with _quiet():
         onnx_program = torch.onnx.export(ep, (), dynamo=True, verbose=False)
     outputs = onnx_program.model.graph.outputs
+    inputs = set(program.input_names)
     for value, name in zip(outputs, program.output_names):
-        value.name = name
+        value.name = name + SAME_AS_INPUT if name in inputs else name
     with _quiet():
         onnx_program.save(str(path))
 
@@ -63,7 +67,7 @@ class Runner:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_names = [o.name.removesuffix(SAME_AS_INPUT) for o in self.session.get_outputs()]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {name: np.ascontiguousarray(inputs[name]) for name in self.input_names}

@@ -38,14 +38,31 @@ def _by_parameter(module: torch.nn.Module, args: tuple, kwargs: dict, specs_args
     return dict(bound)
 
 
-def refresh_shapes(module: fx.GraphModule) -> None:
-    """Recompute every node's fake value after an in-place edit, in the program's own symbolic
-    shape environment, so a pass can rewrite the same graph again without re-exporting it."""
+class _PropagateFrom(FakeTensorProp):
+    """FakeTensorProp that reuses the recorded values of nodes before `start`: an edit cannot
+    change what comes before it in graph order, and symbolic shape arithmetic is slow."""
+
+    def __init__(self, module: fx.GraphModule, mode, start: fx.Node | None):
+        super().__init__(module, mode)
+        self.fresh = start is None
+        self.start = start
+
+    def run_node(self, n: fx.Node):
+        self.fresh = self.fresh or n is self.start
+        if not self.fresh and "val" in n.meta and n.op != "placeholder":
+            return n.meta["val"]
+        return super().run_node(n)
+
+
+def refresh_shapes(module: fx.GraphModule, start: fx.Node | None = None) -> None:
+    """Recompute the fake values of the nodes from `start` on (all by default) after an in-place
+    edit, in the program's own symbolic shape environment, so a pass can rewrite the same graph
+    again without re-exporting it."""
     placeholders = [n.meta["val"] for n in module.graph.nodes if n.op == "placeholder"]
     mode = detect_fake_mode(placeholders)
     module.recompile()
     with mode, _allow_real_parameters(mode):
-        FakeTensorProp(module, mode).propagate_dont_convert_inputs(*placeholders)
+        _PropagateFrom(module, mode, start).propagate_dont_convert_inputs(*placeholders)
 
 
 @contextlib.contextmanager

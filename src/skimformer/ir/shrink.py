@@ -11,17 +11,20 @@ token count by propagating the token axis forward (never by matching sizes) and 
   static program, the `sym_size` of the reduced tensor in a dynamic one;
 - a reduction already restored at an output (`skim::restore_tokens`) composes its index map;
 - per-token outputs are restored to the original tokens, each dropped or merged token taking
-  its representative's value, so outputs keep their shapes and meaning.
+  its representative's value, so outputs keep their shapes and meaning; outputs the caller names
+  in `keep_reduced` (a decoder's KV cache after prompt pruning) stay reduced.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Collection
 
 import sympy
 import torch
 import torch.fx as fx
 
 from skimformer.errors import UserError
+from skimformer.ir.attention import sdpa_mask
 from skimformer.ir.graph import op_name, shape
 from skimformer.ir.token_axis import RESHAPES, Axis, dim_map, propagate, to_expr
 
@@ -50,15 +53,11 @@ def _token_dims(user: fx.Node, arg: fx.Node, axis: Axis, downstream: dict) -> li
     n = to_expr(axis.n) if not isinstance(axis.n, int) else axis.n
     same = [i for i, s in enumerate(arg_shape) if to_expr(s) == to_expr(n)]
     dims = [i for i, j in (dim_map(user, arg) or {}).items() if j == axis.dim and i in same]
-    if op_name(user) == "scaled_dot_product_attention" and arg is _sdpa_mask(user) and user.args[1] in downstream:
+    if op_name(user) == "scaled_dot_product_attention" and arg is sdpa_mask(user) and user.args[1] in downstream:
         last = len(arg_shape) - 1
         if last in same and last not in dims:
             dims.append(last)  # the key axis, contracted against the (reduced) keys
     return dims
-
-
-def _sdpa_mask(node: fx.Node):
-    return node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
 
 
 def _new_size(entry, axis: Axis, red: Reduction, size_node: fx.Node):
@@ -73,8 +72,11 @@ def _new_size(entry, axis: Axis, red: Reduction, size_node: fx.Node):
     return entry
 
 
-def shrink_tokens(graph: fx.Graph, point: fx.Node, axis: Axis, reduce) -> Reduction:
-    """Insert `reduce(graph, point) -> Reduction` after `point` and rewrite what follows."""
+def shrink_tokens(graph: fx.Graph, point: fx.Node, axis: Axis, reduce, keep_reduced: Collection[int] = ()) -> Reduction:
+    """Insert `reduce(graph, point) -> Reduction` after `point` and rewrite what follows.
+
+    `keep_reduced`: positions among the output node's leaves that are returned reduced rather
+    than restored to the original tokens."""
     downstream = propagate(point, axis)
     restores = [n for n in graph.nodes if n.target is SKIM.restore_tokens.default and n.args[0] in downstream]
     downstream.pop(point)
@@ -108,7 +110,9 @@ def shrink_tokens(graph: fx.Graph, point: fx.Node, axis: Axis, reduce) -> Reduct
                 gathered[key] = node
             user.replace_input_with(arg, gathered[key])
         if op_name(user) in SIZED and len(user.args) > 1 and isinstance(user.args[1], (list, tuple)):
-            if not ax.plain and red.count is None:
+            folded = user.args[1][ax.dim] if ax.dim < len(user.args[1]) else None
+            # -1 (GPT-2's Conv1D: view(x, [-1, C])) follows the new count by itself
+            if not ax.plain and red.count is None and isinstance(folded, fx.Node):
                 raise UserError(f"{user.name} folds the token axis into another dimension in a dynamic program; "
                                 "export with --static to reduce tokens before it")
             sizes = list(user.args[1])
@@ -116,16 +120,17 @@ def shrink_tokens(graph: fx.Graph, point: fx.Node, axis: Axis, reduce) -> Reduct
                 sizes[ax.dim] = _new_size(sizes[ax.dim], ax, red, size_node)
                 user.update_arg(1, sizes)
     downstream[red.x] = Axis(axis.dim, axis.n)  # the point may itself be an output
-    _restore_outputs(graph, output, downstream, red)
+    _restore_outputs(graph, output, downstream, red, set(keep_reduced))
     return red
 
 
-def _restore_outputs(graph: fx.Graph, output: fx.Node, downstream: dict, red: Reduction) -> None:
+def _restore_outputs(graph: fx.Graph, output: fx.Node, downstream: dict, red: Reduction,
+                     keep_reduced: set[int] = frozenset()) -> None:
     leaves = output.args[0]
     restored = []
-    for leaf in (leaves if isinstance(leaves, (list, tuple)) else [leaves]):
+    for i, leaf in enumerate(leaves if isinstance(leaves, (list, tuple)) else [leaves]):
         ax = downstream.get(leaf) if isinstance(leaf, fx.Node) else None
-        if ax is not None and ax.plain:
+        if ax is not None and ax.plain and i not in keep_reduced:
             with graph.inserting_before(output):
                 leaf = graph.call_function(SKIM.restore_tokens.default, (leaf, red.sources, ax.dim))
         restored.append(leaf)

@@ -39,29 +39,37 @@ def kept_count(n, keep: float, protect: int):
     frac = Fraction(keep).limit_denominator(1000)
     # ceil division on non-negative numbers only: ONNX integer division truncates toward zero
     rest = ((n - protect) * frac.numerator + frac.denominator - 1) // frac.denominator
-    return protect + (torch.sym_max(1, rest) if isinstance(rest, torch.SymInt) else max(1, rest))
+    count = protect + (torch.sym_max(1, rest) if isinstance(rest, torch.SymInt) else max(1, rest))
+    # never more than there are (a prompt of one token, or no more tokens than `protect`)
+    return torch.sym_min(n, count) if isinstance(count, torch.SymInt) else min(n, count)
 
 
 def valid_tokens(mask: Tensor | None, scores: Tensor) -> Tensor:
-    """`[B, N]` True for real tokens, from an attention mask (boolean keep-mask or additive)."""
+    """`[B, N]` True for real tokens, from an attention mask (boolean keep-mask or additive).
+
+    A 4-D mask is read at its last query row: in an encoder's padding mask every row marks the
+    real keys, and in a causal mask the last query (real, since decoders pad on the left) is the
+    one that sees every real key (row 0 sees only key 0)."""
     if mask is None:
         return torch.ones_like(scores, dtype=torch.bool)
-    row = mask[:, 0, 0, :] if mask.dim() == 4 else mask
+    row = mask[:, 0, -1, :] if mask.dim() == 4 else mask
     valid = row if row.dtype == torch.bool else row > NEG / 2
     return valid.expand_as(scores)
 
 
 def topk_tokens_ref(scores: Tensor, mask: Tensor | None, keep: float, protect: int) -> Tensor:
-    """Indices `[B, kept_count]`: the first `protect` tokens, then the best-scored others, real
-    tokens before padding, in their original order."""
-    k = kept_count(scores.shape[1], keep, protect) - protect
+    """Indices `[B, kept_count]`: the first `protect` real tokens of each row (the leading ones,
+    or the first after a decoder's left padding), then the best-scored others, real tokens before
+    padding, in their original order."""
+    n = scores.shape[1]
+    valid = valid_tokens(mask, scores)
     # Padding scores below every real token and, ties broken by position, the same padding is
     # chosen by every backend (top-k implementations order equal values differently).
-    rank = torch.arange(scores.shape[1] - protect, device=scores.device, dtype=scores.dtype)
-    body = torch.where(valid_tokens(mask, scores)[:, protect:], scores[:, protect:], NEG - rank * 1e24)
-    best = torch.sort(torch.topk(body, k, dim=1).indices + protect, dim=1).values
-    head = torch.arange(protect, device=scores.device).expand(scores.shape[0], protect)
-    return torch.cat([head, best], dim=1)
+    rank = torch.arange(n, device=scores.device, dtype=scores.dtype)
+    body = torch.where(valid, scores, NEG - rank * 1e24)
+    first = valid & (valid.long().cumsum(dim=1) <= protect)
+    body = torch.where(first, torch.full_like(body, -NEG), body)
+    return torch.sort(torch.topk(body, kept_count(n, keep, protect), dim=1).indices, dim=1).values
 
 
 def fuse_tokens_ref(x: Tensor, scores: Tensor, mask: Tensor | None, idx: Tensor, dim: int) -> Tensor:
@@ -90,17 +98,28 @@ def token_scores_ref(q: Tensor, k: Tensor, mask: Tensor | None, scale: float, mo
     """Importance of each key token `[B, N]`, averaged over heads.
 
     mode 0: the first query's attention row ([CLS] attention, EViT); mode 1: attention received,
-    averaged over all queries; mode 2: minus the key norm (small keys draw attention).
-    q, k: `[B, H, N, D]`; mask: additive float or boolean keep-mask broadcastable to `[B, H, N, N]`.
+    averaged over all queries; mode 2: minus the key norm (small keys draw attention); mode 3: the
+    last query's attention row (FastV / GemFilter: the query that generates), with the last token
+    itself scored 2.0, above any probability, so that it is always kept.
+    q: `[B, H, Nq, D]`; k: `[B, H_kv, N, D]` (grouped-query keys are repeated to q's heads);
+    mask: additive float or boolean keep-mask broadcastable to `[B, H, Nq, N]`.
     """
     if mode == 2:
         return -k.norm(dim=-1).mean(dim=1)
-    queries = q[:, :, :1] if mode == 0 else q
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    queries = q[:, :, :1] if mode == 0 else q[:, :, -1:] if mode == 3 else q
     logits = queries @ k.transpose(-1, -2) * scale
     if mask is not None:
-        rows = mask[:, :, :1] if mode == 0 and mask.shape[-2] != 1 else mask
+        rows = mask
+        if mode in (0, 3) and mask.shape[-2] != 1:
+            rows = mask[:, :, :1] if mode == 0 else mask[:, :, -1:]
         logits = logits.masked_fill(~rows, NEG) if rows.dtype == torch.bool else logits + rows
-    return torch.softmax(logits, dim=-1).mean(dim=(1, 2))
+    scores = torch.softmax(logits, dim=-1).mean(dim=(1, 2))
+    if mode == 3:
+        last = torch.arange(scores.shape[1], device=scores.device) == scores.shape[1] - 1
+        scores = torch.where(last, torch.full_like(scores, 2.0), scores)
+    return scores
 
 
 @torch.library.custom_op("skim::gather_tokens", mutates_args=())

@@ -160,9 +160,10 @@ def merge_tokens(program: Program, config: TomeConfig) -> tuple[Program, int]:
     count = len(find_blocks(graph, find_attention(graph), set()))
     plan = [(i, r) for i, r in enumerate(merges_per_block(config, count)) if r > 0 or config.r == 0]
     sizes, bias, holder = None, _ProportionalAttention(), {}
-    for step, (index, r) in enumerate(plan):
-        if step:
-            refresh_shapes(module)
+    point = None
+    for index, r in plan:
+        if point is not None:
+            refresh_shapes(module, start=point)
         block = find_blocks(graph, find_attention(graph), set())[index]
         if block.output is None or block.input_axis is None or not block.input_axis.plain:
             raise UserError(f"tome: block {index} has no residual stream with a token axis that can be merged")

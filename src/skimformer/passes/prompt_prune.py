@@ -1,0 +1,207 @@
+"""prompt-prune: FastV / GemFilter-style pruning of a causal LM's prompt at prefill. Lossy.
+
+FastV (Chen et al., ECCV 2024, arXiv 2403.06764) drops the tokens that receive little attention
+after an early layer K; GemFilter (Shi et al., arXiv 2409.17422) selects them with the last
+query's attention row of an early layer. Here: after block `layer` (0-based), keep the `keep`
+fraction of prompt tokens that the last query attends to most (`score=last-query`, averaged over
+heads; `mean-attention` and `key-norm` are also offered). Later blocks, and the KV cache they
+write, hold only those tokens; the cache of blocks up to `layer`, computed before the pruning
+point, is gathered with the same indices, so every layer's cache has the same shorter length and
+the decode program runs unchanged on it. Kept tokens keep their original rotary positions (the
+cos/sin tables and the causal mask are gathered along the token axis). Per row of a batch: the
+padding goes first, then the lowest-scored real tokens; the first `protect` real tokens (BOS,
+the attention sink) and the last token (the query that generates) are always kept.
+
+The pruned prefill program returns one extra output, `attention_mask` (`[B, kept]`): the mask of
+the cache it returns, which the engine grows step by step instead of the prompt's mask; position
+ids still continue from the prompt's length. Per-token outputs (`logits[B, n, V]`) are restored
+to every prompt token (a dropped token takes its representative's value) and reported as
+approximate; the last position is computed exactly on the kept tokens.
+Ordering: only the prefill program is rewritten; runs on SDPA attention (eager sites are
+canonicalized first); put it before passes that change the KV cache's representation (KV
+quantization, eviction) or lower attention further.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from skimformer.errors import UserError
+from skimformer.ir import Model
+from skimformer.ir.attention import find_attention
+from skimformer.ir.blocks import find_blocks
+from skimformer.ir.graph import shape
+from skimformer.ir.program import Program, leaf_names
+from skimformer.ir.rewrite import reexport, tag
+from skimformer.ir.shrink import Reduction, shrink_tokens
+from skimformer.ir.token_axis import propagate
+from skimformer.kernels.tokens import default_scale, kept_count
+from skimformer.passes.base import ModelResult, Pass, PassResult
+from skimformer.passes.canonicalize_attention import CanonicalizeAttention
+from skimformer.passes.registry import register
+from skimformer.passes.token_report import token_report
+
+NAME = "prompt-prune"
+SCORES = {"last-query": 3, "mean-attention": 1, "key-norm": 2}
+MASK = "attention_mask"
+skim = torch.ops.skim
+aten = torch.ops.aten
+
+
+@dataclass
+class PromptPruneConfig:
+    layer: int = 2
+    keep: float = 0.5
+    score: Literal["last-query", "mean-attention", "key-norm"] = "last-query"
+    protect: int = 1
+
+    def __post_init__(self):
+        if not 0 < self.keep <= 1:
+            raise ValueError(f"keep is the fraction of prompt tokens kept, in (0, 1]; got {self.keep}")
+        if self.layer < 0:
+            raise ValueError(f"layer is a 0-based block index, >= 0; got {self.layer}")
+        if self.protect < 0:
+            raise ValueError(f"protect (leading tokens always kept) must be >= 0; got {self.protect}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}; got {self.score!r}")
+
+
+def _reduction(site, config: PromptPruneConfig, dim: int):
+    """The reduce callback for `shrink_tokens`: score with the block's attention, select, gather."""
+    q, k = site.q, site.k
+    scale = site.node.kwargs.get("scale") or default_scale(shape(q)[-1])
+
+    def reduce(graph: fx.Graph, x: fx.Node) -> Reduction:
+        n = shape(x)[dim]
+        call = graph.call_function
+        scores = call(skim.token_scores.default, (q, k, site.mask, float(scale), SCORES[config.score]))
+        idx = call(skim.topk_tokens.default, (scores, site.mask, float(config.keep), config.protect))
+        kept = call(skim.gather_tokens.default, (x, idx, dim))
+        nodes = {scores, idx, kept}
+        static = isinstance(n, int)
+        count = kept_count(n, config.keep, config.protect) if static else None
+        size = n if static else call(aten.sym_size.int, (x, dim))
+        if not static:
+            nodes.add(size)
+        sources = call(skim.token_sources.default, (idx, size, 0))
+        nodes.add(sources)
+        for node in nodes:
+            tag(node, NAME)
+        return Reduction(x=kept, count=count, side_index=idx, sources=sources, nodes=nodes)
+
+    return reduce
+
+
+def _add_output(module: fx.GraphModule, name: str, node: fx.Node) -> None:
+    """Append `node` to the program's outputs as `name`: the graph's output node and the module's
+    output pytree spec change together, so the re-exported program names it."""
+    graph = module.graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    info = graph._codegen.pytree_info
+    spec = info.out_spec if info is not None else None
+    leaves = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+    tree = pytree.tree_unflatten(list(range(len(leaves))), spec) if spec is not None else None
+    if not isinstance(tree, dict) or name in tree:
+        raise UserError(f"{NAME}: the prefill program must return its outputs as a dict (logits, present_key_0, ...) "
+                        f"without an output named {name}; export it with `skimformer export`")
+    new_spec = pytree.tree_structure({**tree, name: len(leaves)})
+    output.args = (tuple(leaves + [node]),)
+    graph._codegen.pytree_info = info._replace(out_spec=new_spec)
+    module._out_spec = new_spec
+
+
+def _prune_prefill(program: Program, config: PromptPruneConfig) -> Program:
+    module = program.ep.module()
+    graph = module.graph
+    blocks = find_blocks(graph, find_attention(graph), set())
+    _check_layer(config, len(blocks))
+    block = blocks[config.layer]
+    if block.output is None or block.input_axis is None or not block.input_axis.plain:
+        raise UserError(f"{NAME}: block {config.layer} has no residual stream with a token axis that can be reduced")
+    first = blocks[0]
+    if first.input is None or first.input_axis is None:
+        raise UserError(f"{NAME}: the token axis of the first block's input was not found")
+    names = leaf_names(module._out_spec, "output")
+    output = next(n for n in graph.nodes if n.op == "output")
+    leaves = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+    cache = {i for i, name in enumerate(names) if name.startswith("present_")}
+    if not cache:
+        raise UserError(f"{NAME}: the prefill program returns no present_key_*/present_value_* cache outputs")
+    # Where every output carries the token axis, followed from the residual stream (not by size).
+    tokens = propagate(first.input, first.input_axis)
+    for i in sorted(cache):
+        ax = tokens.get(leaves[i])
+        if ax is None or not ax.plain:
+            raise UserError(f"{NAME}: the token axis of output {names[i]} was not found")
+    axis = block.input_axis
+    token_axis = type(axis)(axis.dim, shape(block.output)[axis.dim])
+    downstream = propagate(block.output, token_axis)
+    red = shrink_tokens(graph, block.output, token_axis, _reduction(block.attention[0], config, axis.dim),
+                        keep_reduced=cache)
+    # The cache of blocks up to `layer` was computed over every token: keep the same ones.
+    new_leaves = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+    for i in sorted(cache):
+        if leaves[i] in downstream:
+            continue
+        with graph.inserting_before(output):
+            new_leaves[i] = tag(graph.call_function(skim.gather_tokens.default,
+                                                    (leaves[i], red.side_index, tokens[leaves[i]].dim)), NAME)
+    output.args = (tuple(new_leaves),)
+    mask = next((n for n in graph.nodes if n.op == "placeholder" and n.target == MASK), None)
+    if mask is None:
+        raise UserError(f"{NAME}: the prefill program has no {MASK} input (decoder convention)")
+    with graph.inserting_before(output):
+        kept_mask = tag(graph.call_function(skim.gather_tokens.default, (mask, red.side_index, 1)), NAME)
+    _add_output(module, MASK, kept_mask)
+    graph.eliminate_dead_code()
+    return reexport(program, module)
+
+
+def _check_layer(config: PromptPruneConfig, blocks: int) -> None:
+    if config.layer >= blocks:
+        raise UserError(f"{NAME}(layer={config.layer}): the model has {blocks} blocks "
+                        f"(0-based indices up to {blocks - 1})")
+
+
+def _cache_bytes(outputs: dict) -> int:
+    return sum(v.numel() * v.element_size() for k, v in outputs.items() if k.startswith("present_"))
+
+
+@register
+class PromptPrune(Pass):
+    """FastV / GemFilter-style prompt pruning at prefill: after block `layer`, keep the tokens the last query attends to (lossy)."""
+
+    name = NAME
+    Config = PromptPruneConfig
+    lossless = False
+
+    def apply(self, program: Program, config: PromptPruneConfig) -> PassResult:
+        if MASK in program.output_names:
+            raise UserError(f"{NAME}: the prefill program is already pruned (it returns {MASK}); apply {NAME} once")
+        sites = find_attention(program.ep.graph)
+        if sites:  # refuse a layer out of range before any rewriting
+            _check_layer(config, len(find_blocks(program.ep.graph, sites, set())))
+        canonical = CanonicalizeAttention().apply(program, CanonicalizeAttention.Config()).program
+        if not find_attention(canonical.ep.graph):
+            return PassResult(program, {"reason": "no attention"}, 0)
+        pruned = _prune_prefill(canonical, config)
+        report = token_report(program, pruned)
+        report["approximate_outputs"] = report.pop("restored_outputs")
+        before = program.run(program.example_inputs)
+        after = pruned.run(program.example_inputs)
+        report["prompt_tokens"] = {"before": int(program.example_inputs[MASK].shape[1]),
+                                   "after": int(after[MASK].shape[1])}
+        report["kv_cache_bytes"] = {"before": _cache_bytes(before), "after": _cache_bytes(after)}
+        return PassResult(pruned, report, 1)
+
+    def apply_model(self, model: Model, config: PromptPruneConfig) -> ModelResult:
+        if not model.is_decoder:
+            raise UserError(f"{NAME} prunes a causal LM's prompt at prefill, and this model is an encoder "
+                            "(no prefill and decode programs): give a decoder folder, or use `prune` for encoders")
+        result = self.apply(model.programs["prefill"], config)
+        programs = {**model.programs, "prefill": result.program}
+        return ModelResult(model.replace(programs), {"prefill": result.report}, result.matched)
