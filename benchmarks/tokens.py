@@ -65,7 +65,7 @@ NA = "n/a (pass missing)"
 
 SPEED_SPECS = ["tome(r=4)", "tome(r=8)", "tome(r=16)", "prune(keep=0.7, at=[3, 6, 9])", "prune(keep=0.5, at=[3, 6, 9])"]
 # MiniLM has 6 layers: prune after blocks 1 and 3 (blocks 2-3 on keep, 4-5 on keep^2).
-MINILM_SPECS = ["tome(r=4)", "tome(r=8)", "tome(r=16)", "prune(keep=0.7, at=[1, 3])", "prune(keep=0.5, at=[1, 3])"]
+MINILM_SPECS = ["tome(r=8)", "tome(r=16)", "tome(r=24)", "tome(r=32)", "prune(keep=0.7, at=[1, 3])", "prune(keep=0.5, at=[1, 3])"]
 # The digits ViT has 17 tokens ([CLS] + 16 patches) and 4 layers.
 DIGITS_SPECS = ["tome(r=2)", "tome(r=3)", "tome(r=4)", "prune(keep=0.7, at=[0])", "prune(keep=0.5, at=[0])",
                 "prune(keep=0.5, at=[1])"]

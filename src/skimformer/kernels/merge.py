@@ -25,8 +25,12 @@ TIE = 1e-6  # position tie-break: equal similarities pick the same pairs on ever
 def merge_count(n, r: int, protect: int):
     """Tokens left after merging up to `r` of the A set's unprotected tokens into B."""
     free = (n + 1) // 2 - (protect + 1) // 2  # A holds the even positions, the protected among them
-    removed = torch.sym_min(r, free) if isinstance(free, torch.SymInt) else min(r, max(free, 0))
-    return n - removed
+    if isinstance(free, torch.SymInt):
+        # A symbolic count stays `n - r` (a Min() nested block after block makes symbolic shape
+        # arithmetic explode); the program then requires enough tokens, a range on `n`.
+        torch._check(free >= r, lambda: f"tome needs at least {2 * r + protect} tokens to merge {r}")
+        return n - r
+    return n - min(r, max(free, 0))
 
 
 def token_sizes_ref(x: Tensor, mask: Tensor | None, dim: int) -> Tensor:
