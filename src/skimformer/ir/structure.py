@@ -7,7 +7,6 @@ import torch.fx as fx
 
 from skimformer.ir.attention import AttentionSite, find_attention
 from skimformer.ir.blocks import Block, find_blocks
-from skimformer.ir.graph import op_name
 from skimformer.ir.heads import Head, find_heads
 from skimformer.ir.kv_cache import KVCache, find_kv_cache
 from skimformer.ir.program import Program

@@ -39,17 +39,16 @@ from skimformer.ir.program import Program, leaf_names
 from skimformer.ir.rewrite import reexport, tag
 from skimformer.ir.shrink import Reduction, shrink_tokens
 from skimformer.ir.token_axis import propagate
-from skimformer.kernels.tokens import default_scale, kept_count
 from skimformer.passes.base import ModelResult, Pass, PassResult
 from skimformer.passes.canonicalize_attention import CanonicalizeAttention
 from skimformer.passes.registry import register
 from skimformer.passes.token_report import token_report
+from skimformer.passes.token_select import select_tokens
 
 NAME = "prompt-prune"
 SCORES = {"last-query": 3, "mean-attention": 1, "key-norm": 2}
 MASK = "attention_mask"
 skim = torch.ops.skim
-aten = torch.ops.aten
 
 
 @dataclass
@@ -72,26 +71,14 @@ class PromptPruneConfig:
 
 def _reduction(site, config: PromptPruneConfig, dim: int):
     """The reduce callback for `shrink_tokens`: score with the block's attention, select, gather."""
-    q, k = site.q, site.k
-    scale = site.node.kwargs.get("scale") or default_scale(shape(q)[-1])
 
     def reduce(graph: fx.Graph, x: fx.Node) -> Reduction:
-        n = shape(x)[dim]
-        call = graph.call_function
-        scores = call(skim.token_scores.default, (q, k, site.mask, float(scale), SCORES[config.score]))
-        idx = call(skim.topk_tokens.default, (scores, site.mask, float(config.keep), config.protect))
-        kept = call(skim.gather_tokens.default, (x, idx, dim))
-        nodes = {scores, idx, kept}
-        static = isinstance(n, int)
-        count = kept_count(n, config.keep, config.protect) if static else None
-        size = n if static else call(aten.sym_size.int, (x, dim))
-        if not static:
-            nodes.add(size)
-        sources = call(skim.token_sources.default, (idx, size, 0))
-        nodes.add(sources)
+        sel = select_tokens(graph, x, site, dim, SCORES[config.score], config.keep, config.protect)
+        sources = graph.call_function(skim.token_sources.default, (sel.idx, sel.size, 0))
+        nodes = sel.nodes | {sources}
         for node in nodes:
             tag(node, NAME)
-        return Reduction(x=kept, count=count, side_index=idx, sources=sources, nodes=nodes)
+        return Reduction(x=sel.kept, count=sel.count, side_index=sel.idx, sources=sources, nodes=nodes)
 
     return reduce
 

@@ -13,7 +13,6 @@ that lower attention further.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,11 +26,11 @@ from skimformer.ir.graph import shape
 from skimformer.ir.program import Program
 from skimformer.ir.rewrite import reexport
 from skimformer.ir.shrink import Reduction, shrink_tokens
-from skimformer.kernels.tokens import default_scale, kept_count
 from skimformer.passes.base import Pass, PassResult
 from skimformer.passes.canonicalize_attention import CanonicalizeAttention
 from skimformer.passes.registry import register
 from skimformer.passes.token_report import token_report
+from skimformer.passes.token_select import select_tokens
 
 SCORES = {"cls": 0, "mean-attention": 1, "key-norm": 2}
 skim = torch.ops.skim
@@ -55,32 +54,24 @@ class PruneConfig:
 
 def _reduction(site, config: PruneConfig, dim: int):
     """The reduce callback for `shrink_tokens`: score, select, gather, fuse."""
-    q, k = site.q, site.k
-    scale = site.node.kwargs.get("scale") or default_scale(shape(q)[-1])
     fuse = config.fuse and config.keep < 1
 
     def reduce(graph: fx.Graph, x: fx.Node) -> Reduction:
-        n = shape(x)[dim]
         call = graph.call_function
-        scores = call(skim.token_scores.default, (q, k, site.mask, float(scale), SCORES[config.score]))
-        idx = call(skim.topk_tokens.default, (scores, site.mask, float(config.keep), config.protect))
-        kept = call(skim.gather_tokens.default, (x, idx, dim))
-        nodes = {scores, idx, kept}
-        static = isinstance(n, int)
-        count = kept_count(n, config.keep, config.protect) if static else None
-        total = count if static else call(aten.sym_size.int, (idx, 1))
-        size = n if static else call(aten.sym_size.int, (x, dim))
-        if not static:
-            nodes |= {total, size}
-        out, side = kept, idx
+        sel = select_tokens(graph, x, site, dim, SCORES[config.score], config.keep, config.protect)
+        nodes, count = set(sel.nodes), sel.count
+        total = count if count is not None else call(aten.sym_size.int, (sel.idx, 1))
+        if count is None:
+            nodes.add(total)
+        out, side = sel.kept, sel.idx
         if fuse:
-            fused = call(skim.fuse_tokens.default, (x, scores, site.mask, idx, dim))
-            out = call(aten.cat.default, ([kept, fused], dim))
-            first = call(aten.slice.Tensor, (idx, 1, 0, 1))
-            side = call(aten.cat.default, ([idx, first], 1))
+            fused = call(skim.fuse_tokens.default, (x, sel.scores, site.mask, sel.idx, dim))
+            out = call(aten.cat.default, ([sel.kept, fused], dim))
+            first = call(aten.slice.Tensor, (sel.idx, 1, 0, 1))
+            side = call(aten.cat.default, ([sel.idx, first], 1))
             nodes |= {fused, out, first, side}
             count = count + 1 if count is not None else None
-        sources = call(skim.token_sources.default, (idx, size, total if fuse else 0))
+        sources = call(skim.token_sources.default, (sel.idx, sel.size, total if fuse else 0))
         nodes.add(sources)
         return Reduction(x=out, count=count, side_index=side, sources=sources, nodes=nodes)
 
