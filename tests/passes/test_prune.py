@@ -69,3 +69,11 @@ def test_layer_out_of_range(exported):
 
     with pytest.raises(UserError, match="0-based"):
         _prune(exported("bert"), "prune(at=[5])")
+
+
+def test_program_exported_at_batch_one_stays_dynamic(tmp_path):
+    """A dynamic batch exported from one example must not be specialized to 1 by the rewrite."""
+    export_zoo("vit", tmp_path / "v", batch=1)
+    _, after, _, _ = _prune(tmp_path / "v" / "model.pt2", "prune(keep=0.5, at=[0])")
+    assert isinstance(after.input_specs()[0]["shape"][0], str)
+    assert after.run({"pixel_values": torch.randn(3, 3, 32, 32)})["last_hidden_state"].shape == (3, 17, 64)

@@ -81,9 +81,17 @@ def tag(node: fx.Node, pass_name: str) -> fx.Node:
     return node
 
 
+def _batch_of_two(inputs: list, dims: list[dict]) -> list:
+    """Examples with a dynamic batch of 1 repeated to 2 rows: export specializes a size-1
+    dimension to the constant 1, which would fix the rewritten program's batch."""
+    if not any(0 in d and isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1 for x, d in zip(inputs, dims)):
+        return inputs
+    return [x.repeat(2, *[1] * (x.dim() - 1)) if 0 in d and x.shape[0] == 1 else x for x, d in zip(inputs, dims)]
+
+
 def reexport(program: Program, module: torch.nn.Module) -> Program:
     """Export `module` (an edited `program.ep.module()`) again, same inputs, same dynamic dims."""
-    flat = [program.example_inputs[name] for name in program.input_names]
+    flat = _batch_of_two([program.example_inputs[name] for name in program.input_names], dynamic_dims(program))
     spec = program.ep.call_spec.in_spec
     args, kwargs = pytree.tree_unflatten(flat, spec)
     ds_args, ds_kwargs = pytree.tree_unflatten(dynamic_dims(program), spec)
