@@ -1,5 +1,6 @@
 """`make demo`: export a small ViT and a small Llama-style decoder, inspect and optimize each with
-the real command line (tome on the ViT, prompt-prune on the decoder), and print the reports. Run as `python -m skimformer.demo [FOLDER]`."""
+the real command line (tome on the ViT, prompt-prune on the decoder), and print the reports.
+Run as `python -m skimformer.demo [FOLDER]`."""
 from __future__ import annotations
 
 import shlex
