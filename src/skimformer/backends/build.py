@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,6 +18,7 @@ from skimformer import __version__
 from skimformer.backends.engine import EXAMPLES, MANIFEST, Engine
 from skimformer.backends.registry import backend_module
 from skimformer.backends.report import write_reports
+from skimformer.atomic import atomic_folder
 from skimformer.errors import UserError, VerificationError
 from skimformer.ir import Model
 from skimformer.passes.manager import max_abs_error
@@ -135,9 +135,7 @@ def build_engine(model: Model, original: Model, out: Path, *, backend: str = "on
     """Write the engine folder `out` and return the loaded engine and its report."""
     out = Path(out)
     check_destination(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         programs = lower_model(model, tmp, backend, progress)
         for role, program in model.programs.items():
             program.save(tmp / program_file(role))
@@ -156,11 +154,4 @@ def build_engine(model: Model, original: Model, out: Path, *, backend: str = "on
         if measure:
             report["speed"] = _measure(original, engine, model, backend, tmp, progress)
         write_reports(tmp, report)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the engine folder is an ordinary folder
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Engine.load(out), report

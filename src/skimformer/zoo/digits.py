@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 import transformers
 
+from skimformer.atomic import atomic_folder
 from skimformer.zoo.real import MissingModel
 
 IMAGE = 32
@@ -135,15 +134,7 @@ def digits_vit(progress=lambda message: None) -> tuple[torch.nn.Module, tuple[to
         return model.float().eval(), (x_test, y_test), json.loads((folder / "metrics.json").read_text())
     progress("training the digits ViT (about a minute; cached afterwards)")
     model, metrics = train(progress)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return model, (x_test, y_test), metrics

@@ -13,7 +13,6 @@ import inspect
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,6 +21,7 @@ import transformers
 from torch.utils._sympy.value_ranges import ValueRanges
 from transformers.cache_utils import DynamicLayer
 
+from skimformer.atomic import atomic_folder
 from skimformer.errors import UserError, VerificationError
 
 DYN = torch.export.Dim.DYNAMIC
@@ -388,17 +388,8 @@ def output_folder(out_dir: str | Path, force: bool = False) -> Iterator[Path]:
     """
     out = Path(out_dir)
     _refuse_existing(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         yield tmp
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_config(model: torch.nn.Module, folder: Path) -> None:
