@@ -40,9 +40,8 @@ from skimformer.ir.rewrite import reexport, tag
 from skimformer.ir.shrink import Reduction, shrink_tokens
 from skimformer.ir.token_axis import propagate
 from skimformer.passes.base import ModelResult, Pass, PassResult
-from skimformer.passes.canonicalize_attention import CanonicalizeAttention
 from skimformer.passes.registry import register
-from skimformer.passes.token_report import token_report
+from skimformer.passes.token_report import reduce_tokens
 from skimformer.passes.token_select import select_tokens
 
 NAME = "prompt-prune"
@@ -172,12 +171,10 @@ class PromptPrune(Pass):
         sites = find_attention(program.ep.graph)
         if sites:  # refuse a layer out of range before any rewriting
             _check_layer(config, len(find_blocks(program.ep.graph, sites, set())))
-        canonical = CanonicalizeAttention().apply(program, CanonicalizeAttention.Config()).program
-        if not find_attention(canonical.ep.graph):
-            return PassResult(program, {"reason": "no attention"}, 0)
-        pruned = _prune_prefill(canonical, config)
-        report = token_report(program, pruned)
-        report["approximate_outputs"] = report.pop("restored_outputs")
+        result = reduce_tokens(program, lambda canonical: (_prune_prefill(canonical, config), 1))
+        if not result.matched:
+            return result
+        pruned, report = result.program, result.report
         before = program.run(program.example_inputs)
         after = pruned.run(program.example_inputs)
         report["prompt_tokens"] = {"before": int(program.example_inputs[MASK].shape[1]),

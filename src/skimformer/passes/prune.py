@@ -27,9 +27,8 @@ from skimformer.ir.program import Program
 from skimformer.ir.rewrite import reexport
 from skimformer.ir.shrink import Reduction, shrink_tokens
 from skimformer.passes.base import Pass, PassResult
-from skimformer.passes.canonicalize_attention import CanonicalizeAttention
 from skimformer.passes.registry import register
-from skimformer.passes.token_report import token_report
+from skimformer.passes.token_report import reduce_tokens
 from skimformer.passes.token_select import select_tokens
 
 SCORES = {"cls": 0, "mean-attention": 1, "key-norm": 2}
@@ -103,12 +102,9 @@ class Prune(Pass):
     lossless = False
 
     def apply(self, program: Program, config: PruneConfig) -> PassResult:
-        canonical = CanonicalizeAttention().apply(program, CanonicalizeAttention.Config()).program
-        if not find_attention(canonical.ep.graph):
-            return PassResult(program, {"reason": "no attention"}, 0)
-        current = canonical
-        for layer in sorted(set(config.at)):
-            current = _prune_after(current, layer, config)
-        report = token_report(program, current)
-        report["approximate_outputs"] = report.pop("restored_outputs")
-        return PassResult(current, report, len(set(config.at)))
+        def rewrite(current: Program) -> tuple[Program, int]:
+            for layer in sorted(set(config.at)):
+                current = _prune_after(current, layer, config)
+            return current, len(set(config.at))
+
+        return reduce_tokens(program, rewrite)

@@ -1,13 +1,18 @@
 """What a token-reduction pass reports: tokens entering each block and FLOPs, before and after,
-measured on the program's example inputs."""
+measured on the program's example inputs, and the frame those passes share."""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
+from skimformer.ir.attention import find_attention
 from skimformer.ir.program import Program
 from skimformer.ir.structure import analyze
+from skimformer.passes.base import PassResult
+from skimformer.passes.canonicalize_attention import CanonicalizeAttention
 
 
 class _BlockShapes(fx.Interpreter):
@@ -44,9 +49,18 @@ def flops(program: Program) -> int:
 
 def token_report(before: Program, after: Program) -> dict:
     f0, f1 = flops(before), flops(after)
-    restored = sorted({str(n.args[0]) for n in after.ep.graph.nodes
-                       if n.target is torch.ops.skim.restore_tokens.default})
     return {"tokens_per_block": {"before": tokens_per_block(before), "after": tokens_per_block(after)},
             "flops": {"before": f0, "after": f1, "ratio": round(f1 / f0, 4) if f0 else None},
-            "restored_outputs": [name for name, node in zip(after.output_names, after.output_nodes())
-                                 if node.target is torch.ops.skim.restore_tokens.default] or restored[:0]}
+            "approximate_outputs": [name for name, node in zip(after.output_names, after.output_nodes())
+                                    if node.target is torch.ops.skim.restore_tokens.default]}
+
+
+def reduce_tokens(program: Program, rewrite: Callable[[Program], tuple[Program, int]]) -> PassResult:
+    """The frame every token-reduction pass shares: canonicalize attention, rewrite (returning the
+    program and the sites rewritten), and report tokens and FLOPs; a program without attention is
+    returned unchanged."""
+    canonical = CanonicalizeAttention().apply(program, CanonicalizeAttention.Config()).program
+    if not find_attention(canonical.ep.graph):
+        return PassResult(program, {"reason": "no attention"}, 0)
+    rewritten, matched = rewrite(canonical)
+    return PassResult(rewritten, token_report(program, rewritten), matched)

@@ -37,9 +37,8 @@ from skimformer.ir.shrink import Reduction, shrink_tokens
 from skimformer.ir.token_axis import Axis
 from skimformer.kernels.merge import merge_count
 from skimformer.passes.base import ModelResult, Pass, PassResult
-from skimformer.passes.canonicalize_attention import CanonicalizeAttention
 from skimformer.passes.registry import register
-from skimformer.passes.token_report import token_report
+from skimformer.passes.token_report import reduce_tokens
 
 skim = torch.ops.skim
 aten = torch.ops.aten
@@ -193,11 +192,8 @@ class Tome(Pass):
         return super().apply_model(model, config)
 
     def apply(self, program: Program, config: TomeConfig) -> PassResult:
-        canonical = CanonicalizeAttention().apply(program, CanonicalizeAttention.Config()).program
-        if not find_attention(canonical.ep.graph):
-            return PassResult(program, {"reason": "no attention"}, 0)
-        merged, matched = merge_tokens(canonical, config)
-        report = token_report(program, merged)
-        report["approximate_outputs"] = report.pop("restored_outputs")
-        report["merges_per_block"] = merges_per_block(config, len(report["tokens_per_block"]["before"]))
-        return PassResult(merged, report, matched)
+        result = reduce_tokens(program, lambda canonical: merge_tokens(canonical, config))
+        if result.matched:
+            blocks = len(result.report["tokens_per_block"]["before"])
+            result.report["merges_per_block"] = merges_per_block(config, blocks)
+        return result
