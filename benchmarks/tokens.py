@@ -51,7 +51,8 @@ import transformers  # noqa: E402
 
 import skimformer.passes  # noqa: E402,F401  (registers the passes)
 from skimformer.api import optimize_model  # noqa: E402
-from skimformer.backends.engine import Engine, carried_input  # noqa: E402
+from skimformer.backends.engine import Engine  # noqa: E402
+from skimformer.ir.signature import carried_input  # noqa: E402
 from skimformer.ir import load  # noqa: E402
 from skimformer.passes import pipeline_from  # noqa: E402
 from skimformer.passes.registry import all_passes  # noqa: E402

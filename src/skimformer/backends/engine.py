@@ -16,6 +16,7 @@ import numpy as np
 
 from skimformer.backends.registry import backend_module
 from skimformer.errors import UserError
+from skimformer.ir.signature import carried_input
 
 MANIFEST = "manifest.json"
 EXAMPLES = "example_inputs.npz"
@@ -23,15 +24,6 @@ EXAMPLES = "example_inputs.npz"
 
 def _as_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
-
-
-def carried_input(output_name: str) -> str | None:
-    """The next step's input that an output feeds, or None for outputs that are not state."""
-    if output_name.startswith("present_"):
-        return "past_" + output_name.removeprefix("present_")
-    if output_name.startswith("state_"):
-        return output_name
-    return None
 
 
 class Engine:

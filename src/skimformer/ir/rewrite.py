@@ -89,15 +89,30 @@ def _batch_of_two(inputs: list, dims: list[dict]) -> list:
     return [x.repeat(2, *[1] * (x.dim() - 1)) if 0 in d and x.shape[0] == 1 else x for x, d in zip(inputs, dims)]
 
 
-def reexport(program: Program, module: torch.nn.Module) -> Program:
-    """Export `module` (an edited `program.ep.module()`) again, same inputs, same dynamic dims."""
-    flat = _batch_of_two([program.example_inputs[name] for name in program.input_names], dynamic_dims(program))
-    spec = program.ep.call_spec.in_spec
+def reexport(program: Program, module: torch.nn.Module, inputs: dict[str, torch.Tensor] | None = None,
+             dims: dict[str, dict[int, object]] | None = None) -> Program:
+    """Export `module` (an edited `program.ep.module()`) again with the same dynamic dimensions.
+
+    A pass that changed the signature (`ir.signature.add_input`) gives the new example `inputs`
+    by name, and `dims` for inputs the program did not have (their dynamic dimensions); the
+    result keeps `inputs` as its example inputs.
+    """
+    inputs = dict(program.example_inputs if inputs is None else inputs)
+    known = dict(zip(program.input_names, dynamic_dims(program)))
+    known.update(dims or {})
+    info = module.graph._codegen.pytree_info if isinstance(module, fx.GraphModule) else None
+    changed = info is not None and list(info.orig_args) != program.input_names
+    names = list(info.orig_args) if changed else program.input_names
+    spec = module._in_spec if changed else program.ep.call_spec.in_spec
+    missing = [n for n in names if n not in inputs or n not in known]
+    if missing:
+        raise ValueError(f"re-export needs example inputs and dynamic dims for {missing}")
+    flat = _batch_of_two([inputs[n] for n in names], [known[n] for n in names])
     args, kwargs = pytree.tree_unflatten(flat, spec)
-    ds_args, ds_kwargs = pytree.tree_unflatten(dynamic_dims(program), spec)
+    ds_args, ds_kwargs = pytree.tree_unflatten([known[n] for n in names], spec)
     if isinstance(module, fx.GraphModule):
         module.graph.lint()
         module.recompile()
     dynamic = _by_parameter(module, args, kwargs, ds_args, ds_kwargs)
     ep = torch.export.export(module, tuple(args), dict(kwargs), dynamic_shapes=dynamic or None, strict=False)
-    return program.with_ep(ep)
+    return Program(ep=ep, role=program.role, example_inputs={n: inputs[n] for n in names})
