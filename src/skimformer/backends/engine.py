@@ -1,12 +1,5 @@
-"""`Engine`: an engine folder loaded back, run by name; for decoders it also generates.
-
-The engine owns the state between decode steps: every `present_*` output feeds the matching
-`past_*` input of the next step and every `state_*` output the `state_*` input of the same name
-(the decoder convention of DESIGN.md), so passes may add state without changing this loop. A
-program that returns an `attention_mask` output (prompt pruning keeps fewer tokens in the cache
-than the prompt had) gives the mask of the cache it returns; the loop grows that one instead,
-while position ids keep counting from the prompt's own length.
-"""
+"""`Engine`: an engine folder loaded back, run by name; for decoders it also generates (the
+loop that owns the cache and state between steps is `backends.generation`)."""
 from __future__ import annotations
 
 import json
@@ -14,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from skimformer.backends.generation import Generation, Sampling, generate
 from skimformer.backends.registry import backend_module
 from skimformer.errors import UserError
-from skimformer.ir.signature import carried_input
 
 MANIFEST = "manifest.json"
 EXAMPLES = "example_inputs.npz"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -77,29 +71,24 @@ class Engine:
         return runner.run({k: _as_numpy(v) for k, v in inputs.items()})
 
     def generate(self, prompt_ids, max_new_tokens: int = 32, attention_mask=None,
-                 eos_token_id: int | None = None) -> np.ndarray:
-        """Greedy generation; returns the generated ids `[B, max_new_tokens]` (prompt excluded)."""
+                 eos_token_id: int | None = None, sampling: Sampling | None = None) -> np.ndarray:
+        """Generated ids `[B, max_new_tokens]` (prompt excluded); greedy unless `sampling` says otherwise."""
+        return self.generate_with_stats(prompt_ids, max_new_tokens, attention_mask, eos_token_id, sampling).ids
+
+    def generate_with_stats(self, prompt_ids, max_new_tokens: int = 32, attention_mask=None,
+                            eos_token_id: int | None = None, sampling: Sampling | None = None) -> Generation:
+        """Like `generate`, with the cache bytes held at the end and the speed."""
         if not self.is_decoder:
             raise UserError("generate needs a decoder engine (prefill and decode programs)")
-        ids = np.atleast_2d(np.asarray(prompt_ids, dtype=np.int64))
-        mask = np.ones_like(ids) if attention_mask is None else np.atleast_2d(np.asarray(attention_mask, dtype=np.int64))
-        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        outputs = self.run({"input_ids": ids, "attention_mask": mask, "position_ids": positions}, "prefill")
-        generated, finished = [], np.zeros(ids.shape[0], dtype=bool)
-        next_pos = positions[:, -1:] + 1
-        for _ in range(max_new_tokens):
-            token = outputs["logits"][:, -1].argmax(-1).astype(np.int64)
-            if eos_token_id is not None:
-                token = np.where(finished, eos_token_id, token)
-                finished |= token == eos_token_id
-            generated.append(token)
-            if len(generated) == max_new_tokens or finished.all():
-                break
-            if "attention_mask" in outputs:  # the mask of the cache the program returned
-                mask = np.asarray(outputs["attention_mask"], dtype=np.int64)
-            mask = np.concatenate([mask, np.ones((ids.shape[0], 1), dtype=np.int64)], axis=1)
-            feeds = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": next_pos}
-            feeds.update({carried_input(k): v for k, v in outputs.items() if carried_input(k)})
-            outputs = self.run(feeds, "decode")
-            next_pos = next_pos + 1
-        return np.stack(generated, axis=1)
+        return generate(self.run, prompt_ids, max_new_tokens, attention_mask, eos_token_id, sampling)
+
+    def tokenizer(self):
+        """The model's tokenizer, when the engine folder holds its files; else None."""
+        if not any((self.folder / name).exists() for name in TOKENIZER_FILES):
+            return None
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+        except (OSError, ValueError):
+            return None

@@ -12,6 +12,7 @@ from skimformer import __version__
 from skimformer.api import optimize_model
 from skimformer.backends.build import check_destination
 from skimformer.backends.engine import Engine
+from skimformer.backends.generation import Sampling
 from skimformer.backends.report import format_table
 from skimformer.cli.progress import Progress
 from skimformer.errors import UserError
@@ -118,6 +119,40 @@ def cmd_run(args) -> int:
     else:
         for r in rows:
             print(f"{r['name']:24s} shape {r['shape']}  sum {r['sum']:.6g}")
+    return 0
+
+
+def _prompt_ids(args, tokenizer) -> list[int]:
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise UserError(f"--prompt-ids takes comma-separated integers such as 1,2,3; got {args.prompt_ids!r}") from None
+        return ids
+    if tokenizer is None:
+        raise UserError("this engine folder has no tokenizer files: give --prompt-ids 1,2,3 instead of --prompt")
+    return tokenizer(args.prompt)["input_ids"]
+
+
+def cmd_generate(args) -> int:
+    engine = Engine.load(args.engine)
+    tokenizer = engine.tokenizer()
+    ids = _prompt_ids(args, tokenizer)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    eos = args.eos_token_id if args.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+    result = engine.generate_with_stats([ids], args.max_new_tokens, eos_token_id=eos, sampling=sampling)
+    generated = result.ids[0].tolist()
+    if eos is not None and eos in generated:
+        generated = generated[:generated.index(eos) + 1]
+    if args.json:
+        text = tokenizer.decode(generated, skip_special_tokens=True) if tokenizer is not None else None
+        _print_json({"ids": generated, "text": text, "kv_cache_bytes": result.kv_cache_bytes,
+                     "tokens_per_s": round(result.tokens_per_s, 3), **result.extra})
+    elif tokenizer is not None:
+        print(args.prompt if args.prompt is not None else tokenizer.decode(ids), end="")
+        print(tokenizer.decode(generated, skip_special_tokens=True))
+    else:
+        print(",".join(map(str, generated)))
     return 0
 
 

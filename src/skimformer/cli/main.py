@@ -73,6 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--program", help="which program of a decoder engine to run (default: the first)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=c.cmd_run)
+
+    p = sub.add_parser("generate", help="generate text with a decoder engine (prefill, then decode steps)")
+    p.add_argument("engine", help="a decoder engine folder written by optimize")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs the model's tokenizer files in the engine folder)")
+    prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated: 1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass (nucleus)")
+    p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--eos-token-id", type=int, help="stop at this token (default: the tokenizer's end-of-sequence)")
+    p.add_argument("--json", action="store_true",
+                   help="print one object: ids (prompt excluded), text, kv_cache_bytes, tokens_per_s")
+    p.set_defaults(func=c.cmd_generate)
     return parser
 
 
