@@ -1,0 +1,115 @@
+"""kv-window: StreamingLLM's attention-sink cache, positions within the cache."""
+import numpy as np
+import pytest
+import torch
+
+from skimformer import UserError, load, optimize
+from skimformer.backends.build import build_engine
+from skimformer.kernels.window import cache_positions_ref, position_shift_ref, window_tokens_ref
+from skimformer.passes import PassManager, pipeline_from
+from skimformer.passes.manager import max_abs_error
+from skimformer.zoo import export_zoo
+
+SINK, WINDOW = 2, 8  # the zoo's prompts have 16 tokens (row 1 left-padded by 4): eviction happens at prefill
+
+
+def _window(path, spec):
+    model = load(path)
+    new, (record,), metrics = PassManager(pipeline_from(spec)).run(model)
+    return model, new, record
+
+
+@pytest.fixture(scope="module")
+def windowed(tiny_decoder):
+    return _window(tiny_decoder, f"kv-window(sink={SINK}, window={WINDOW})")
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kv-window") / "gpt2"
+    export_zoo("gpt2", out)
+    return out
+
+
+def test_window_keeps_sinks_then_recent_tokens_and_padding_only_when_short():
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1, 1]])
+    idx = window_tokens_ref(mask, 2, 3)
+    assert idx.tolist() == [[0, 1, 5, 6, 7], [3, 4, 5, 6, 7], [3, 4, 5, 6, 7]]
+    kept = torch.gather(mask, 1, idx)
+    assert kept.tolist()[2] == [0, 0, 0, 1, 1]  # the short row keeps padding, in front
+    assert window_tokens_ref(mask, 2, 30).shape == (3, 8)  # a cache that is not full keeps everything
+
+
+def test_positions_count_real_tokens_in_the_cache_and_shift_after_eviction():
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1]])
+    assert cache_positions_ref(mask, torch.zeros(1, 2, dtype=torch.long)).tolist() == [[3, 4]]
+    idx = torch.tensor([[2, 5, 6]])  # a sink, then the two most recent tokens
+    assert position_shift_ref(mask, idx).tolist() == [[0, -2, -2]]
+
+
+def test_cache_is_bounded_and_returns_its_mask(windowed):
+    _, new, record = windowed
+    for role in ("prefill", "decode"):
+        program = new.programs[role]
+        out = program.run(program.example_inputs)
+        assert out["attention_mask"].shape == (2, SINK + WINDOW)
+        assert out["present_key_0"].shape[2] == out["present_value_1"].shape[2] == SINK + WINDOW
+    assert record.report["prefill"]["rerotated_layers"] == 2  # the tiny Llama uses RoPE in both layers
+    assert record.report["prefill"]["kv_cache_bytes"]["after"] < record.report["prefill"]["kv_cache_bytes"]["before"]
+
+
+def test_a_window_that_never_fills_is_lossless(tiny_decoder):
+    model, new, _ = _window(tiny_decoder, "kv-window(sink=4, window=1000)")
+    for role in ("prefill", "decode"):
+        want = model.programs[role].run(model.programs[role].example_inputs)
+        got = new.programs[role].run(new.programs[role].example_inputs)
+        assert got.pop("attention_mask").shape[1] == want["present_key_0"].shape[2]
+        err, ok = max_abs_error(want, got)
+        assert ok, f"{role}: {err}"
+
+
+def test_kept_keys_are_rotated_to_their_positions_in_the_cache(windowed):
+    """Layer 0's keys depend only on the token and its position: after eviction each kept key
+    must be the key the original program computes for that token at its new position."""
+    model, new, _ = windowed
+    prefill = model.programs["prefill"]
+    inputs = dict(prefill.example_inputs)
+    mask = inputs["attention_mask"]
+    idx = window_tokens_ref(mask, SINK, WINDOW)
+    new_pos = (torch.gather(mask, 1, idx).cumsum(1) - 1).clamp(min=0)
+    moved = inputs["position_ids"].clone().scatter(1, idx, new_pos)
+    want = prefill.run({**inputs, "position_ids": moved})["present_key_0"]
+    want = torch.gather(want, 2, idx[:, None, :, None].expand(-1, want.shape[1], -1, want.shape[3]))
+    got = new.programs["prefill"].run(inputs)["present_key_0"]
+    real = torch.gather(mask, 1, idx).bool()[:, None, :, None].expand_as(got)
+    assert torch.allclose(got[real], want[real], atol=1e-5)
+    # without the rotation the keys would be wrong: this test can fail
+    assert not torch.allclose(torch.gather(prefill.run(inputs)["present_key_0"], 2,
+                                           idx[:, None, :, None].expand_as(got))[real], got[real], atol=1e-3)
+
+
+def test_decode_takes_positions_from_its_cache_not_from_its_inputs(gpt2):
+    model, new, record = _window(gpt2, f"kv-window(sink={SINK}, window={WINDOW})")
+    assert record.report["decode"]["rerotated_layers"] == 0  # learned absolute positions: nothing to rotate
+    decode = new.programs["decode"]
+    inputs = decode.example_inputs
+    a = decode.run(inputs)["logits"]
+    b = decode.run({**inputs, "position_ids": inputs["position_ids"] + 50})["logits"]
+    assert torch.equal(a, b)
+
+
+def test_engine_generates_past_the_window_with_flat_memory(windowed, tmp_path):
+    _, new, _ = windowed
+    engine, _ = build_engine(new, windowed[0], tmp_path / "engine")
+    ids = np.random.default_rng(0).integers(3, 300, (2, 12))
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0
+    short = engine.generate_with_stats(ids, 20, attention_mask=mask)
+    long = engine.generate_with_stats(ids, 40, attention_mask=mask)
+    assert long.ids.shape == (2, 40) and long.ids[:, :20].tolist() == short.ids.tolist()
+    assert short.kv_cache_bytes == long.kv_cache_bytes == 2 * 2 * 2 * 2 * (SINK + WINDOW) * 16 * 4
+
+
+def test_encoders_are_refused(exported):
+    with pytest.raises(UserError, match="encoder"):
+        optimize(exported("bert"), passes="kv-window(window=4)")
