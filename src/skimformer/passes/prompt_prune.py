@@ -28,15 +28,15 @@ from typing import Literal
 
 import torch
 import torch.fx as fx
-from torch.utils import _pytree as pytree
 
 from skimformer.errors import UserError
 from skimformer.ir import Model
 from skimformer.ir.attention import find_attention
 from skimformer.ir.blocks import find_blocks
 from skimformer.ir.graph import shape
-from skimformer.ir.program import Program, leaf_names
+from skimformer.ir.program import Program
 from skimformer.ir.rewrite import reexport, tag
+from skimformer.ir.signature import add_output, named_outputs, output_node
 from skimformer.ir.shrink import Reduction, shrink_tokens
 from skimformer.ir.token_axis import propagate
 from skimformer.passes.base import ModelResult, Pass, PassResult
@@ -82,24 +82,6 @@ def _reduction(site, config: PromptPruneConfig, dim: int):
     return reduce
 
 
-def _add_output(module: fx.GraphModule, name: str, node: fx.Node) -> None:
-    """Append `node` to the program's outputs as `name`: the graph's output node and the module's
-    output pytree spec change together, so the re-exported program names it."""
-    graph = module.graph
-    output = next(n for n in graph.nodes if n.op == "output")
-    info = graph._codegen.pytree_info
-    spec = info.out_spec if info is not None else None
-    leaves = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
-    tree = pytree.tree_unflatten(list(range(len(leaves))), spec) if spec is not None else None
-    if not isinstance(tree, dict) or name in tree:
-        raise UserError(f"{NAME}: the prefill program must return its outputs as a dict (logits, present_key_0, ...) "
-                        f"without an output named {name}; export it with `skimformer export`")
-    new_spec = pytree.tree_structure({**tree, name: len(leaves)})
-    output.args = (tuple(leaves + [node]),)
-    graph._codegen.pytree_info = info._replace(out_spec=new_spec)
-    module._out_spec = new_spec
-
-
 def _prune_prefill(program: Program, config: PromptPruneConfig) -> Program:
     module = program.ep.module()
     graph = module.graph
@@ -111,9 +93,9 @@ def _prune_prefill(program: Program, config: PromptPruneConfig) -> Program:
     first = blocks[0]
     if first.input is None or first.input_axis is None:
         raise UserError(f"{NAME}: the token axis of the first block's input was not found")
-    names = leaf_names(module._out_spec, "output")
-    output = next(n for n in graph.nodes if n.op == "output")
-    leaves = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+    named = named_outputs(module)
+    names, leaves = list(named), list(named.values())
+    output = output_node(module)
     cache = {i for i, name in enumerate(names) if name.startswith("present_")}
     if not cache:
         raise UserError(f"{NAME}: the prefill program returns no present_key_*/present_value_* cache outputs")
@@ -142,7 +124,7 @@ def _prune_prefill(program: Program, config: PromptPruneConfig) -> Program:
         raise UserError(f"{NAME}: the prefill program has no {MASK} input (decoder convention)")
     with graph.inserting_before(output):
         kept_mask = tag(graph.call_function(skim.gather_tokens.default, (mask, red.side_index, 1)), NAME)
-    _add_output(module, MASK, kept_mask)
+    add_output(module, MASK, kept_mask)
     graph.eliminate_dead_code()
     return reexport(program, module)
 
