@@ -4,6 +4,9 @@ Importing this package registers every pass (one module each).
 """
 from skimformer.passes import canonicalize_attention, prune, tome  # noqa: F401  (registers the passes)
 from skimformer.passes import prompt_prune  # noqa: F401  (registers the pass)
+from skimformer.passes import kv_evict  # noqa: F401  (registers the pass)
+from skimformer.passes import kv_window  # noqa: F401  (registers the pass)
+from skimformer.passes import kv_quant  # noqa: F401  (registers the pass)
 from skimformer.passes.base import ModelResult, Pass, PassResult
 from skimformer.passes.manager import PassManager, PassRecord
 from skimformer.passes.registry import all_passes, get_pass, register
