@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench bench-tokens clean
+.PHONY: setup demo test test-fast bench bench-tokens bench-kv kvpress-env clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,21 @@ bench: $(STAMP)
 
 bench-tokens: $(STAMP)
 	$(PY) benchmarks/tokens.py
+
+bench-kv: $(STAMP)
+	$(PY) benchmarks/kv.py
+
+# kvpress (the reference KV-press implementations) pins transformers<5.3, older than ours: it gets its own
+# virtualenv, which benchmarks/kv.py runs as a subprocess when it exists. Optional; about 1.4 GB.
+KVPRESS_VENV := .cache/kvpress-venv
+kvpress-env: $(KVPRESS_VENV)/.installed
+
+$(KVPRESS_VENV)/.installed:
+	$(PYTHON) -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/pip install -q --upgrade pip
+	$(KVPRESS_VENV)/bin/pip install -q torch==2.13.0
+	$(KVPRESS_VENV)/bin/pip install -q 'transformers<5.3' kvpress==0.5.5
+	touch $@
 
 clean:
 	rm -rf $(DEMO) .pytest_cache build src/*.egg-info
