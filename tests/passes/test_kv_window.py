@@ -113,3 +113,14 @@ def test_engine_generates_past_the_window_with_flat_memory(windowed, tmp_path):
 def test_encoders_are_refused(exported):
     with pytest.raises(UserError, match="encoder"):
         optimize(exported("bert"), passes="kv-window(window=4)")
+
+
+def test_rewritten_decode_runs_the_first_one_token_steps_in_torch(windowed):
+    """Re-exported programs keep accepting the smallest steps: one cached token, one new token."""
+    decode = windowed[1].programs["decode"]
+    x = {k: v[:1] for k, v in decode.example_inputs.items()}
+    x.update(input_ids=x["input_ids"][:, :1], position_ids=x["position_ids"][:, :1],
+             attention_mask=torch.ones(1, 2, dtype=torch.long))
+    x.update({k: v[:, :, :1] for k, v in x.items() if k.startswith("past_")})
+    out = decode.run(x)
+    assert out["logits"].shape == (1, 1, 300) and out["present_key_0"].shape[2] == 2

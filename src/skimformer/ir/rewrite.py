@@ -15,6 +15,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
+from torch.utils._sympy.value_ranges import ValueRanges
 
 from skimformer.ir.program import Program
 
@@ -89,6 +90,22 @@ def _batch_of_two(inputs: list, dims: list[dict]) -> list:
     return [x.repeat(2, *[1] * (x.dim() - 1)) if 0 in d and x.shape[0] == 1 else x for x, d in zip(inputs, dims)]
 
 
+def relax_sum_ranges(ep: torch.export.ExportedProgram) -> None:
+    """Lower the range of input sizes that are sums of dynamic sizes to what the inputs allow.
+
+    The decode mask is `[B, past + n]`. torch.export assumes while tracing that every dynamic
+    size is >= 2 (sizes 0 and 1 run all the same), and derives from that a range for `past + n`
+    that the program would check at run time, refusing `past + n < 4` (the second and third
+    tokens after a one-token prompt) although it computes them correctly. A sum's lowest value
+    is taken from its terms' declared lower bounds, with the tracer's 2 read as 0.
+    """
+    ranges = ep.range_constraints
+    for expr, bounds in list(ranges.items()):
+        if expr.is_Add and all(s in ranges for s in expr.free_symbols):
+            lowest = expr.subs({s: 0 if ranges[s].lower <= 2 else ranges[s].lower for s in expr.free_symbols})
+            ranges[expr] = ValueRanges(min(bounds.lower, lowest), bounds.upper)
+
+
 def reexport(program: Program, module: torch.nn.Module, inputs: dict[str, torch.Tensor] | None = None,
              dims: dict[str, dict[int, object]] | None = None) -> Program:
     """Export `module` (an edited `program.ep.module()`) again with the same dynamic dimensions.
@@ -115,4 +132,5 @@ def reexport(program: Program, module: torch.nn.Module, inputs: dict[str, torch.
         module.recompile()
     dynamic = _by_parameter(module, args, kwargs, ds_args, ds_kwargs)
     ep = torch.export.export(module, tuple(args), dict(kwargs), dynamic_shapes=dynamic or None, strict=False)
+    relax_sum_ranges(ep)
     return Program(ep=ep, role=program.role, example_inputs={n: inputs[n] for n in names})

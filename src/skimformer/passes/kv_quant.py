@@ -45,7 +45,7 @@ from skimformer.ir.rewrite import tag
 from skimformer.ir.signature import add_input, named_outputs, set_outputs
 from skimformer.kernels import quant  # noqa: F401  (registers the skim ops)
 from skimformer.passes.base import ModelResult, Pass
-from skimformer.passes.kv_rewrite import (CacheLayer, _reaches, cache_bytes, cache_layers,
+from skimformer.passes.kv_rewrite import (CacheLayer, reaches, cache_bytes, cache_layers,
                                           reexport_decoder_program, rewrite_decoder)
 from skimformer.passes.registry import register
 
@@ -152,7 +152,7 @@ def _new_tokens(present: fx.Node, past: fx.Node, layer: int) -> fx.Node:
     """The step's new keys (or values) in `present = cat([past, new], dim=-2)`."""
     args = present.args[0] if op_name(present) == "cat" and present.args else None
     dim = present.args[1] if len(present.args) > 1 else present.kwargs.get("dim", 0)
-    if args is None or len(args) != 2 or dim % 4 != 2 or not _reaches(args[0], past) or _reaches(args[1], past):
+    if args is None or len(args) != 2 or dim % 4 != 2 or not reaches(args[0], past) or reaches(args[1], past):
         raise UserError(f"{NAME}: the decode program does not write layer {layer}'s cache as cat(past, new): a pass "
                         f"before it changed the decode-time cache, which {NAME} cannot build on; {ORDER}")
     return args[1]

@@ -41,7 +41,7 @@ class CacheLayer:
     attention: AttentionSite  # the attention that reads this layer's keys and values
 
 
-def _reaches(start: fx.Node, target: fx.Node) -> bool:
+def reaches(start: fx.Node, target: fx.Node) -> bool:
     """Whether `target` feeds `start` through data movement alone (repeat_kv, reshapes, casts)."""
     todo, seen = [start], set()
     while todo:
@@ -66,7 +66,7 @@ def cache_layers(module: fx.GraphModule, pass_name: str) -> list[CacheLayer]:
         key, value = outputs[f"present_key_{i}"], outputs.get(f"present_value_{i}")
         if value is None:
             raise UserError(f"{pass_name}: the program returns present_key_{i} without present_value_{i}")
-        site = next((s for s in sites if _reaches(s.k, key) and _reaches(s.v, value)), None)
+        site = next((s for s in sites if reaches(s.k, key) and reaches(s.v, value)), None)
         if site is None:
             raise UserError(f"{pass_name}: no attention reads the cache of layer {i} (present_key_{i}) as it is "
                             "written; export the model with `skimformer export`")

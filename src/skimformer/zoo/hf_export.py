@@ -18,11 +18,11 @@ from typing import Callable, Iterator
 
 import torch
 import transformers
-from torch.utils._sympy.value_ranges import ValueRanges
 from transformers.cache_utils import DynamicLayer
 
 from skimformer.atomic import atomic_folder
 from skimformer.errors import UserError, VerificationError
+from skimformer.ir.rewrite import relax_sum_ranges
 
 DYN = torch.export.Dim.DYNAMIC
 TOLERANCE = 1e-4
@@ -133,7 +133,7 @@ def _export(module: torch.nn.Module, args: tuple, dynamic: tuple | None) -> torc
     except Exception as e:  # torch.export raises many kinds; the user needs the first line and a way out
         name = type(getattr(module, "model", module)).__name__
         raise UserError(f"torch.export could not export {name} ({_first_line(e)}); try --static") from None
-    _relax_sum_ranges(ep)
+    relax_sum_ranges(ep)
     return ep
 
 
@@ -144,21 +144,6 @@ def export_verified(label: str, module: torch.nn.Module, examples: tuple, dynami
     ep = _export(module, trace or examples, dynamic)
     _verify(label, module, ep, examples, *([trace] if trace else []), *checks)
     return _with_examples(ep, examples)
-
-
-def _relax_sum_ranges(ep: torch.export.ExportedProgram) -> None:
-    """Lower the range of input sizes that are sums of dynamic sizes to what the inputs allow.
-
-    The decode mask is `[B, past + n]`. torch.export derives the range of `past + n` from the
-    tracer's working assumption that every dynamic size is >= 2, so the program would refuse
-    `past + n < 4` (the second and third tokens after a one-token prompt) although it computes
-    them correctly. The declared ranges of `past` and `n` give the true bound.
-    """
-    ranges = ep.range_constraints
-    for expr, bounds in list(ranges.items()):
-        if expr.is_Add and all(s in ranges for s in expr.free_symbols):
-            lowest = expr.subs({s: ranges[s].lower for s in expr.free_symbols})
-            ranges[expr] = ValueRanges(min(bounds.lower, lowest), bounds.upper)
 
 
 def _verify(label: str, module: torch.nn.Module, ep: torch.export.ExportedProgram, *cases: tuple) -> None:
