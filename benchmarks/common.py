@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+import traceback
 
 import torch
 
@@ -47,3 +49,35 @@ def interleaved_ms(fns: list, warmup: int = 1, runs: int = 5, budget_s: float = 
             fn()
             out.append((time.perf_counter() - t) * 1e3)
     return [statistics.median(s) for s in samples]
+
+
+class Sections:
+    """A benchmark's sections, each run in turn and timed; one that fails becomes a row that says
+    why, so the others still print. A section returns `(rows, note)`, or a list of
+    `(title, note, rows, columns)` for several tables."""
+
+    def __init__(self, only: list[str]):
+        self.only = only
+        self.tables: list[tuple] = []
+
+    def run(self, name: str, title: str, columns: list[str], fn) -> None:
+        if name not in self.only:
+            return
+        start = time.perf_counter()
+        try:
+            result = fn()
+            made = result if isinstance(result, list) else [(title, result[1], result[0], columns)]
+        except Exception as e:
+            traceback.print_exc(file=sys.stderr)
+            first = str(e).splitlines()[0] if str(e) else ""
+            made = [(title, "", [{columns[0]: f"failed: {type(e).__name__}: {first}"[:120]}], columns)]
+        seconds = time.perf_counter() - start
+        self.tables.extend((t, note, rows, cols, seconds if i == 0 else None)
+                           for i, (t, note, rows, cols) in enumerate(made))
+
+    def print(self) -> None:
+        for title, note, rows, columns, seconds in self.tables:
+            print(f"\n{title}" + (f"  [{seconds:.0f} s]" if seconds is not None else ""))
+            if note:
+                print(note)
+            print_table(rows, [c for c in columns if any(r.get(c) not in (None, "") for r in rows)])

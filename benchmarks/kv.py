@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import THREADS, interleaved_ms, print_table, setup_threads  # noqa: E402
+from common import THREADS, Sections, interleaved_ms, print_table, setup_threads  # noqa: E402
 import tokens as T  # noqa: E402  (cached exports and engine builds, shared with the token-reduction benchmark)
 
 import transformers  # noqa: E402
@@ -781,22 +781,8 @@ def main() -> None:
     registered = ", ".join(sorted(all_passes()))
     progress(f"registered passes: {registered}")
     missing = sorted({n for spec in SPEED_SPECS + agreement_specs(PROMPT) + ppl_specs(PROMPT) + PASSKEY_SPECS for n in T.missing_passes(spec)})
-    tables = []
-
-    def run(name, title, columns, fn):
-        """Run section `name`; `fn` returns (rows, note) for one table titled `title`, or a list of tables."""
-        if name not in only:
-            return
-        start = time.perf_counter()
-        try:
-            result = fn()
-            made = result if isinstance(result, list) else [(title, result[1], result[0], columns)]
-        except Exception as e:
-            traceback.print_exc(file=sys.stderr)
-            first = str(e).splitlines()[0] if str(e) else ""
-            made = [(title, "", [{columns[0]: f"failed: {type(e).__name__}: {first}"[:120]}], columns)]
-        seconds = time.perf_counter() - start
-        tables.extend((t, note, rows, cols, seconds if i == 0 else None) for i, (t, note, rows, cols) in enumerate(made))
+    sections = Sections(only)
+    run = sections.run
 
     run("speed", "SmolLM2-135M: KV bytes and decode-step latency", ["pipeline", "note"], speed_section)
     run("fidelity", "SmolLM2-135M: teacher-forced next-token agreement and perplexity",
@@ -815,12 +801,7 @@ def main() -> None:
           f"round-robin, medians){' [--quick: fewer prompts, tokens and runs]' if QUICK else ''}")
     if missing:
         print(f"passes not registered (their rows say n/a): {', '.join(missing)}")
-    for title, note, rows, columns, seconds in tables:
-        print(f"\n{title}" + (f"  [{seconds:.0f} s]" if seconds is not None else ""))
-        if note:
-            print(note)
-        used = [c for c in columns if any(r.get(c) not in (None, "") for r in rows)]
-        print_table(rows, used)
+    sections.print()
     if TARGETS:
         print("\ntargets")
         print_table(TARGETS, ["target", "measured", "result", "note"])

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import THREADS, interleaved_ms, print_table, setup_threads  # noqa: E402
+from common import THREADS, Sections, interleaved_ms, setup_threads  # noqa: E402
 
 import transformers  # noqa: E402
 
@@ -471,19 +471,8 @@ def main() -> None:
     setup_threads()
     registered = ", ".join(sorted(all_passes()))
     progress(f"registered passes: {registered}")
-    tables = []
-
-    def run(name, title, columns, fn):
-        if name not in only:
-            return
-        start = time.perf_counter()
-        try:
-            rows, note = fn()
-        except Exception as e:
-            traceback.print_exc(file=sys.stderr)
-            first = str(e).splitlines()[0] if str(e) else ""
-            rows, note = [{columns[0]: f"failed: {type(e).__name__}: {first}"[:120]}], ""
-        tables.append((title, note, rows, columns, time.perf_counter() - start))
+    sections = Sections(only)
+    run = sections.run
 
     speed_cols = ["model", "pipeline", "tokens", "ms", "throughput", "flops", "achieved/ideal", "target", "note"]
     gen = torch.Generator().manual_seed(0)
@@ -511,12 +500,7 @@ def main() -> None:
           "achieved/ideal = throughput ratio x FLOPs ratio")
     print(f"targets: ViT-B/16 tome(r=16) >= 1.8x throughput; achieved/ideal >= {IDEAL_TARGET} every row; at the "
           f"mildest setting reaching {THROUGHPUT_POINT}x: digits top-1 within 1 point, MiniLM cosine >= 0.98")
-    for title, note, rows, columns, seconds in tables:
-        print(f"\n{title}  [{seconds:.0f} s]")
-        if note:
-            print(note)
-        used = [c for c in columns if any(r.get(c) for r in rows)]
-        print_table(rows, used)
+    sections.print()
     print(f"\ntotal {time.perf_counter() - START:.0f} s; registered passes: {registered}; cache: {CACHE}")
 
 
