@@ -40,6 +40,7 @@ from skimformer.ir.signature import add_output, named_outputs, output_node
 from skimformer.ir.shrink import Reduction, shrink_tokens
 from skimformer.ir.token_axis import propagate
 from skimformer.passes.base import ModelResult, Pass, PassResult
+from skimformer.passes.kv_rewrite import cache_bytes
 from skimformer.passes.registry import register
 from skimformer.passes.token_report import reduce_tokens
 from skimformer.passes.token_select import select_tokens
@@ -135,10 +136,6 @@ def _check_layer(config: PromptPruneConfig, blocks: int) -> None:
                         f"(0-based indices up to {blocks - 1})")
 
 
-def _cache_bytes(outputs: dict) -> int:
-    return sum(v.numel() * v.element_size() for k, v in outputs.items() if k.startswith("present_"))
-
-
 @register
 class PromptPrune(Pass):
     """FastV / GemFilter-style prompt pruning at prefill: after block `layer`, keep the tokens the last query attends to (lossy)."""
@@ -161,7 +158,7 @@ class PromptPrune(Pass):
         after = pruned.run(program.example_inputs)
         report["prompt_tokens"] = {"before": int(program.example_inputs[MASK].shape[1]),
                                    "after": int(after[MASK].shape[1])}
-        report["kv_cache_bytes"] = {"before": _cache_bytes(before), "after": _cache_bytes(after)}
+        report["kv_cache_bytes"] = {"before": cache_bytes(before), "after": cache_bytes(after)}
         return PassResult(pruned, report, 1)
 
     def apply_model(self, model: Model, config: PromptPruneConfig) -> ModelResult:
