@@ -52,6 +52,7 @@ def lower_model(model: Model, folder: Path, backend: str, progress: Progress) ->
 
 def _write_manifest(folder: Path, model: Model, backend: str, programs: dict) -> dict:
     manifest = {"format": 1, "skimformer": __version__, "backend": backend, "kind": model.kind, "programs": programs,
+                "generation": model.generation,
                 "files": {**{p["engine"]: f"{role} engine" for role, p in programs.items()},
                           **{p["program"]: f"{role} program (torch.export)" for role, p in programs.items()},
                           EXAMPLES: "example inputs, keys ROLE.INPUT", "report.json": "report", "report.md": "report"}}

@@ -9,6 +9,7 @@ import numpy as np
 
 from skimformer.backends.generation import Generation, Sampling, generate
 from skimformer.backends.registry import backend_module
+from skimformer.backends.speculation import speculate
 from skimformer.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -80,6 +81,12 @@ class Engine:
         """Like `generate`, with the cache bytes held at the end and the speed."""
         if not self.is_decoder:
             raise UserError("generate needs a decoder engine (prefill and decode programs)")
+        if "draft" in self.runners and "verify" in self.runners:
+            if sampling is not None and sampling.temperature > 0:
+                raise UserError("this engine decodes self-speculatively, which reproduces greedy decoding: "
+                                "drop the sampling options (temperature 0)")
+            draft = self.manifest.get("generation", {}).get("draft", 4)
+            return speculate(self.run, prompt_ids, max_new_tokens, draft, attention_mask, eos_token_id)
         return generate(self.run, prompt_ids, max_new_tokens, attention_mask, eos_token_id, sampling)
 
     def tokenizer(self):

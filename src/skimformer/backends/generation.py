@@ -19,6 +19,7 @@ from skimformer.errors import UserError
 from skimformer.ir.signature import carried_input
 
 MASK = "attention_mask"
+EXIT_LAYER = "exit_layer"  # blocks run by a step of a program with early exits
 
 
 @dataclass
@@ -80,39 +81,77 @@ def carried_bytes(outputs: dict[str, np.ndarray]) -> int:
     return int(sum(np.asarray(v).nbytes for k, v in outputs.items() if carried_input(k)))
 
 
+@dataclass
+class Prompt:
+    """A checked prompt batch: ids and mask `[B, T]`, and each row's position ids."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    positions: np.ndarray
+
+    @classmethod
+    def of(cls, prompt_ids, attention_mask, max_new_tokens: int) -> "Prompt":
+        if max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+        ids = np.atleast_2d(np.asarray(prompt_ids, dtype=np.int64))
+        if ids.shape[1] == 0:
+            raise UserError("the prompt is empty: give at least one token")
+        mask = np.ones_like(ids) if attention_mask is None else np.atleast_2d(np.asarray(attention_mask, dtype=np.int64))
+        if mask.shape != ids.shape:
+            raise UserError(f"attention_mask has shape {mask.shape}, the prompt {ids.shape}: they must match")
+        return cls(ids, mask, np.clip(np.cumsum(mask, axis=1) - 1, 0, None))
+
+    def prefill(self, run: Callable[[dict, str], dict]) -> dict:
+        return run({"input_ids": self.ids, MASK: self.mask, "position_ids": self.positions}, "prefill")
+
+
+class Finisher:
+    """Rows of a batch finish independently at `eos_token_id`: later tokens of a finished row are
+    `eos_token_id` too."""
+
+    def __init__(self, rows: int, eos_token_id: int | None):
+        self.eos = eos_token_id
+        self.finished = np.zeros(rows, dtype=bool)
+
+    def __call__(self, token: np.ndarray) -> np.ndarray:
+        if self.eos is None:
+            return token
+        token = np.where(self.finished, self.eos, token)
+        self.finished |= token == self.eos
+        return token
+
+    @property
+    def done(self) -> bool:
+        return bool(self.finished.all())
+
+
 def generate(run: Callable[[dict, str], dict], prompt_ids, max_new_tokens: int, attention_mask=None,
              eos_token_id: int | None = None, sampling: Sampling | None = None) -> Generation:
     """Generate with `run(feeds, role)` (an engine's programs); rows of a left-padded batch
-    finish independently when `eos_token_id` is given."""
-    if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
-    ids = np.atleast_2d(np.asarray(prompt_ids, dtype=np.int64))
-    if ids.shape[1] == 0:
-        raise UserError("the prompt is empty: give at least one token")
-    mask = np.ones_like(ids) if attention_mask is None else np.atleast_2d(np.asarray(attention_mask, dtype=np.int64))
-    if mask.shape != ids.shape:
-        raise UserError(f"attention_mask has shape {mask.shape}, the prompt {ids.shape}: they must match")
+    finish independently when `eos_token_id` is given. A decode program that returns
+    `exit_layer` (early exits) gives `mean_exit_layer` over the decode steps in `extra`."""
+    prompt = Prompt.of(prompt_ids, attention_mask, max_new_tokens)
     choose = (sampling or Sampling()).chooser()
     start = time.perf_counter()
-    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-    outputs = run({"input_ids": ids, MASK: mask, "position_ids": positions}, "prefill")
-    generated, finished = [], np.zeros(ids.shape[0], dtype=bool)
-    next_pos = positions[:, -1:] + 1
-    steps = 0
+    outputs = prompt.prefill(run)
+    mask, rows = prompt.mask, prompt.ids.shape[0]
+    generated, finish = [], Finisher(rows, eos_token_id)
+    next_pos = prompt.positions[:, -1:] + 1
+    depths = []
     while True:
-        token = choose(outputs["logits"][:, -1])
-        if eos_token_id is not None:
-            token = np.where(finished, eos_token_id, token)
-            finished |= token == eos_token_id
+        token = finish(choose(outputs["logits"][:, -1]))
         generated.append(token)
-        if len(generated) == max_new_tokens or finished.all():
+        if len(generated) == max_new_tokens or finish.done:
             break
         if MASK in outputs:
             mask = np.asarray(outputs[MASK], dtype=np.int64)
-        mask = np.concatenate([mask, np.ones((ids.shape[0], 1), dtype=np.int64)], axis=1)
+        mask = np.concatenate([mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
         feeds = {"input_ids": token[:, None], MASK: mask, "position_ids": next_pos}
         feeds.update({carried_input(k): v for k, v in outputs.items() if carried_input(k)})
         outputs = run(feeds, "decode")
+        if EXIT_LAYER in outputs:
+            depths.append(int(outputs[EXIT_LAYER]))
         next_pos = next_pos + 1
-        steps += 1
-    return Generation(np.stack(generated, axis=1), carried_bytes(outputs), time.perf_counter() - start, steps)
+    extra = {"mean_exit_layer": float(np.mean(depths)), "exit_layers": depths} if depths else {}
+    return Generation(np.stack(generated, axis=1), carried_bytes(outputs), time.perf_counter() - start,
+                      len(generated) - 1, extra)

@@ -123,6 +123,7 @@ class Model:
     programs: dict[str, Program]
     source: Path | None = None
     extra_files: list[Path] = field(default_factory=list)  # tokenizer and config files beside a decoder
+    generation: dict = field(default_factory=dict)  # settings the engine's decoding loop needs (e.g. draft length)
 
     @property
     def is_decoder(self) -> bool:
@@ -133,4 +134,5 @@ class Model:
         return "decoder" if self.is_decoder else "encoder"
 
     def replace(self, programs: dict[str, Program]) -> "Model":
-        return Model(programs=programs, source=self.source, extra_files=list(self.extra_files))
+        return Model(programs=programs, source=self.source, extra_files=list(self.extra_files),
+                     generation=dict(self.generation))

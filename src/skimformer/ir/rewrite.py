@@ -19,6 +19,8 @@ from torch.utils._sympy.value_ranges import ValueRanges
 
 from skimformer.ir.program import Program
 
+METADATA_CHECK = torch.ops.aten._assert_tensor_metadata.default
+
 
 def dynamic_dims(program: Program) -> list[dict[int, object]]:
     """Per user input, the dimensions that are symbolic in the program."""
@@ -74,6 +76,14 @@ def _allow_real_parameters(mode):
         yield
     finally:
         mode.allow_non_fake_inputs = before
+
+
+def eliminate_dead_code(graph: fx.Graph) -> None:
+    """Remove every node whose value no output needs, including two kinds FX keeps: export's
+    `_assert_tensor_metadata` checks (side effects that read a tensor, so one check would keep
+    a whole bypassed branch alive) and attention (counted as random for its dropout argument)."""
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.target is not METADATA_CHECK
+                              and n.is_impure(impure_random=False))
 
 
 def tag(node: fx.Node, pass_name: str) -> fx.Node:

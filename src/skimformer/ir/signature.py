@@ -8,10 +8,12 @@ names; these helpers keep them in step.
 """
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from skimformer.errors import UserError
+from skimformer.ir.rewrite import eliminate_dead_code
 
 
 def output_node(module: fx.GraphModule) -> fx.Node:
@@ -62,12 +64,61 @@ def add_input(module: fx.GraphModule, name: str, val=None) -> fx.Node:
         node = graph.placeholder(name)
     if val is not None:
         node.meta["val"] = val
+    _reset_input_spec(module)
+    return node
+
+
+def _size_elsewhere(module: fx.GraphModule, dropping: set[str], size) -> tuple[fx.Node, int] | None:
+    """An input outside `dropping` with a dimension symbolically equal to `size`."""
+    for name, node in input_nodes(module).items():
+        val = node.meta.get("val")
+        if name in dropping or val is None or not hasattr(val, "shape"):
+            continue
+        for dim, other in enumerate(val.shape):
+            if str(other) == str(size):
+                return node, dim
+    return None
+
+
+def removable_inputs(module: fx.GraphModule) -> list[str]:
+    """Inputs nothing reads but their sizes, when every such size is also a size of an input
+    that stays (a program cut from another reads its batch and lengths from inputs it lost)."""
+    eliminate_dead_code(module.graph)
+    candidates = set()
+    for name, node in input_nodes(module).items():
+        users = [u for u in node.users if not (u.op == "call_module" and u.target == "_guards_fn")]
+        if all(u.target is torch.ops.aten.sym_size.int for u in users):
+            candidates.add(name)
+    inputs = input_nodes(module)
+    return [name for name in candidates
+            if all(_size_elsewhere(module, candidates, inputs[name].meta["val"].shape[u.args[1]]) is not None
+                   for u in inputs[name].users if u.target is torch.ops.aten.sym_size.int)]
+
+
+def remove_inputs(module: fx.GraphModule, names: list[str]) -> None:
+    """Drop the inputs `names` (see `removable_inputs`); their sizes are read from other inputs."""
+    graph = module.graph
+    for guard in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+        graph.erase_node(guard)  # export's input checks read every input; re-export writes new ones
+    dropping = set(names)
+    for name in names:
+        node = input_nodes(module)[name]
+        for user in [u for u in node.users if u.target is torch.ops.aten.sym_size.int]:
+            source, dim = _size_elsewhere(module, dropping, node.meta["val"].shape[user.args[1]])
+            user.args = (source, dim)
+        if node.users:
+            raise ValueError(f"input {name} is still read by {list(node.users)}")
+        graph.erase_node(node)
+    _reset_input_spec(module)
+
+
+def _reset_input_spec(module: fx.GraphModule) -> None:
+    graph = module.graph
     info = graph._codegen.pytree_info
     names = [n.target for n in graph.nodes if n.op == "placeholder"]
     spec = pytree.tree_structure((tuple(range(len(names))), {}))
     graph._codegen.pytree_info = info._replace(orig_args=names, in_spec=spec)
     module._in_spec = spec
-    return node
 
 
 def carried_input(output_name: str) -> str | None:

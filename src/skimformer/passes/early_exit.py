@@ -1,0 +1,135 @@
+"""early-exit: CALM-style confident exits (Schuster et al., NeurIPS 2022, arXiv 2207.07061). Lossy.
+
+After each block in `at` the model's own head (final norm and LM head or classifier) is applied to
+the residual stream; when the exit is confident the remaining blocks are skipped: a `torch.cond`
+in the program, an ONNX `If` in the engine (`ir.exits`). Confidence of the last position's
+distribution p (every row of the batch must pass: a batch leaves only when all its rows are
+confident, the rule that keeps one control-flow path per step):
+
+- `max-prob`: max p;  `margin`: p(top-1) - p(top-2);  `entropy`: 1 - H(p) / log(V).
+
+A step leaves when its confidence is *above* `threshold`, so `threshold=1.0` never leaves and is
+lossless. For decoders only the decode program gets exits (the prompt's cache stays exact); the
+skipped layers' cache entries are their own key/value projections of the exit hidden state
+(CALM's state propagation), so the cache keeps its shape and later tokens attend at every layer.
+Every rewritten program returns `exit_layer` (0-d int64: blocks run), from which the report and
+`skimformer generate --json` give the exit histogram and mean depth.
+
+Ordering: apply after token and KV passes (they rewrite the blocks the exits cut); exits nest
+under no other control flow.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from skimformer.errors import UserError
+from skimformer.ir import Model, Program
+from skimformer.ir.attention import find_attention
+from skimformer.ir.blocks import find_blocks
+from skimformer.ir.exits import ExitPoint, insert_exits
+from skimformer.ir.rewrite import eliminate_dead_code, reexport
+from skimformer.ir.signature import named_outputs, set_outputs
+from skimformer.passes.base import ModelResult, Pass
+from skimformer.passes.registry import register
+
+NAME = "early-exit"
+CRITERIA = ("max-prob", "margin", "entropy")
+EXIT_LAYER = "exit_layer"
+
+
+@dataclass
+class EarlyExitConfig:
+    at: list[int] = field(default_factory=lambda: [8, 16])
+    threshold: float = 0.9
+    criterion: str = "max-prob"
+
+    def __post_init__(self):
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {self.criterion!r}")
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold is a confidence in [0, 1] (1.0 never exits); got {self.threshold}")
+        if not self.at:
+            raise ValueError("at lists the blocks to exit after (0-based), e.g. at=[8, 16]")
+        if len(set(self.at)) != len(self.at) or any(a < 0 for a in self.at):
+            raise ValueError(f"at must list distinct block indices >= 0; got {self.at}")
+
+
+def confidence(logits: torch.Tensor, criterion: str) -> torch.Tensor:
+    """Per-row confidence `[B]` of the last position's distribution (see the module docstring)."""
+    last = logits[:, -1] if logits.dim() == 3 else logits
+    p = last.float().softmax(-1)
+    if criterion == "max-prob":
+        return p.amax(-1)
+    if criterion == "margin":
+        top = p.topk(2, dim=-1).values
+        return top[:, 0] - top[:, 1]
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
+    return 1 - entropy / math.log(p.shape[-1])
+
+
+def confident(logits: torch.Tensor, criterion: str, threshold: float) -> torch.Tensor:
+    """True (0-d) when every row is more confident than `threshold`: the batch leaves together."""
+    return (confidence(logits, criterion) > threshold).all()
+
+
+def add_exits(program: Program, config: EarlyExitConfig) -> Program:
+    """`program` with conditional exits after the blocks in `config.at` and an `exit_layer` output."""
+    module = program.ep.module()
+    graph = module.graph
+    blocks = find_blocks(graph, find_attention(graph), set())
+    last = len(blocks) - 1
+    if any(a >= last for a in config.at):
+        raise UserError(f"{NAME}: at={config.at}, but the model has {len(blocks)} blocks: exits go after blocks "
+                        f"0..{last - 1} (leaving after the last block saves nothing)")
+    if any(b.input is None or b.output is None for b in blocks):
+        raise UserError(f"{NAME}: a block has no residual stream in and out, so there is no hidden state to exit with")
+    outputs = named_outputs(module)
+    if EXIT_LAYER in outputs:
+        raise UserError(f"{NAME} was applied twice: give every exit in one at=[...]")
+    if "logits" not in outputs:
+        raise UserError(f"{NAME} needs the model's head: the program returns no `logits` "
+                        f"(it returns {', '.join(outputs)}); export the model with its LM head or classifier")
+    points = [ExitPoint(a + 1, blocks[a].output, [b.input for b in blocks[a + 1:]] + [blocks[-1].output])
+              for a in sorted(config.at)]
+
+    def decide(g: fx.Graph, exit_logits: fx.Node) -> fx.Node:
+        return g.call_function(confident, (exit_logits, config.criterion, config.threshold))
+
+    names = list(outputs)
+    new, ran = insert_exits(module, graph, points, outputs["logits"], list(outputs.values()), len(blocks), decide)
+    set_outputs(module, {**dict(zip(names, new)), EXIT_LAYER: ran})
+    eliminate_dead_code(graph)
+    return reexport(program, module)
+
+
+def exit_histogram(program: Program) -> dict:
+    """Blocks run on the program's example inputs."""
+    ran = int(program.run(program.example_inputs)[EXIT_LAYER])
+    return {"histogram": dict(Counter([ran])), "mean_depth": float(ran)}
+
+
+@register
+class EarlyExit(Pass):
+    """CALM: leave after block k when the head is confident (torch.cond / ONNX If; lossy)."""
+
+    name = NAME
+    Config = EarlyExitConfig
+    lossless = False
+
+    def apply_model(self, model: Model, config: EarlyExitConfig) -> ModelResult:
+        role = "decode" if model.is_decoder else "model"
+        if role not in model.programs:
+            raise UserError(f"{NAME} rewrites an encoder's `model` program or a decoder's `decode` program; "
+                            f"this model has {', '.join(model.programs)}")
+        program = add_exits(model.programs[role], config)
+        report = {"program": role, "at": sorted(config.at), "criterion": config.criterion,
+                  "threshold": config.threshold,
+                  "batch_rule": "a batch leaves an exit only when every row is confident",
+                  "skipped_cache": "skipped layers' keys and values are projected from the exit hidden state",
+                  "example_inputs": exit_histogram(program)}
+        return ModelResult(model.replace({**model.programs, role: program}), report, len(config.at))
