@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 
 import torch
 import torch.fx as fx
@@ -116,6 +117,40 @@ def relax_sum_ranges(ep: torch.export.ExportedProgram) -> None:
             ranges[expr] = ValueRanges(min(bounds.lower, lowest), bounds.upper)
 
 
+def _drop_size_assumptions(ep: torch.export.ExportedProgram) -> None:
+    """Remove run-time checks that an input size is >= 2.
+
+    Tracing a `torch.cond` re-derives the sizes its branches read, and the checks export then
+    writes carry its tracing assumption (every dynamic size >= 2, sizes 0 and 1 run all the same)
+    into the program, which would refuse a one-token decode step or a batch of one."""
+    graph = ep.graph_module.graph
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.aten._assert_scalar.default:
+            continue
+        test = node.args[0]
+        if not (isinstance(test, fx.Node) and test.target is operator.ge and test.args[1] == 2):
+            continue
+        size = test.args[0]
+        if isinstance(size, fx.Node) and size.target is torch.ops.aten.sym_size.int and size.args[0].op == "placeholder":
+            graph.erase_node(node)
+            if not test.users:
+                graph.erase_node(test)
+    ep.graph_module.recompile()
+
+
+def _name_module_types(ep: torch.export.ExportedProgram) -> None:
+    """Write module types in `nn_module_stack` as names. Export records a class where a branch
+    of a nested `torch.cond` was itself a GraphModule, and `torch.export.save` accepts names only."""
+    for module in ep.graph_module.modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            stack = node.meta.get("nn_module_stack")
+            for key, (path, kind) in (stack or {}).items():
+                if not isinstance(kind, str):
+                    stack[key] = (path, f"{kind.__module__}.{kind.__qualname__}")
+
+
 def reexport(program: Program, module: torch.nn.Module, inputs: dict[str, torch.Tensor] | None = None,
              dims: dict[str, dict[int, object]] | None = None) -> Program:
     """Export `module` (an edited `program.ep.module()`) again with the same dynamic dimensions.
@@ -143,4 +178,6 @@ def reexport(program: Program, module: torch.nn.Module, inputs: dict[str, torch.
     dynamic = _by_parameter(module, args, kwargs, ds_args, ds_kwargs)
     ep = torch.export.export(module, tuple(args), dict(kwargs), dynamic_shapes=dynamic or None, strict=False)
     relax_sum_ranges(ep)
+    _drop_size_assumptions(ep)
+    _name_module_types(ep)
     return Program(ep=ep, role=program.role, example_inputs={n: inputs[n] for n in names})

@@ -1,0 +1,126 @@
+"""early-exit: CALM exits as torch.cond / ONNX If, checked against the transformers model itself."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from skimformer import UserError, load, optimize
+from skimformer.backends.generation import generate
+from skimformer.cli.main import main
+from skimformer.passes import PassManager, pipeline_from
+from skimformer.passes.early_exit import confidence, confident
+from skimformer.passes.manager import max_abs_error
+from skimformer.zoo import build_model
+from tests.decoding import torch_runner
+
+
+def _exits(path, spec):
+    model = load(path)
+    new, (record,), _ = PassManager(pipeline_from(spec)).run(model)
+    return model, new, record
+
+
+def test_criteria_measure_the_last_positions_distribution():
+    logits = torch.log(torch.tensor([[[0.1, 0.2, 0.7]], [[0.5, 0.4, 0.1]]]))
+    assert torch.allclose(confidence(logits, "max-prob"), torch.tensor([0.7, 0.5]))
+    assert torch.allclose(confidence(logits, "margin"), torch.tensor([0.5, 0.1]))
+    uniform = torch.zeros(1, 4)
+    assert torch.allclose(confidence(uniform, "entropy"), torch.tensor([0.0]), atol=1e-6)
+    # the batch rule: one unsure row keeps the whole batch in
+    assert not confident(logits, "max-prob", 0.6) and confident(logits, "max-prob", 0.4)
+
+
+def test_threshold_one_never_exits_and_is_lossless(tiny_decoder):
+    model, new, record = _exits(tiny_decoder, "early-exit(at=[0], threshold=1.0)")
+    decode = new.programs["decode"]
+    out = decode.run(decode.example_inputs)
+    want = model.programs["decode"].run(decode.example_inputs)
+    assert int(out["exit_layer"]) == 2
+    err, ok = max_abs_error(want, {k: v for k, v in out.items() if k != "exit_layer"})
+    assert ok, err
+    assert record.report["example_inputs"] == {"histogram": {2: 1}, "mean_depth": 2.0}
+    assert new.programs["prefill"] is model.programs["prefill"]  # the prompt's cache stays exact
+
+
+def test_exit_applies_the_head_and_propagates_the_exit_state_to_skipped_layers(tiny_decoder):
+    """Against transformers: the logits are the final norm and LM head on layer 0's output, and
+    layer 1's new cache entries are its own key/value projections of that hidden state."""
+    model, new, _ = _exits(tiny_decoder, "early-exit(at=[0], threshold=0.0)")
+    prefill, decode = model.programs["prefill"].example_inputs, new.programs["decode"].example_inputs
+    out = new.programs["decode"].run(decode)
+    assert int(out["exit_layer"]) == 1
+    hf = build_model("llama")
+    ids = torch.cat([prefill["input_ids"], decode["input_ids"]], 1)
+    positions = torch.cat([prefill["position_ids"], decode["position_ids"]], 1)
+    n = decode["input_ids"].shape[1]
+    with torch.no_grad():
+        hidden = hf(input_ids=ids, attention_mask=decode["attention_mask"], position_ids=positions,
+                    output_hidden_states=True).hidden_states[1][:, -n:]
+        torch.testing.assert_close(out["logits"], hf.lm_head(hf.model.norm(hidden)), atol=1e-5, rtol=1e-5)
+        layer = hf.model.layers[1]
+        x = layer.input_layernorm(hidden)
+        shape = (x.shape[0], n, -1, hf.config.head_dim)
+        key = layer.self_attn.k_proj(x).view(shape).transpose(1, 2)
+        value = layer.self_attn.v_proj(x).view(shape).transpose(1, 2)
+        cos, sin = hf.model.rotary_emb(x, decode["position_ids"])
+        key = apply_rotary_pos_emb(key, key, cos, sin)[0]
+    torch.testing.assert_close(out["present_key_1"][:, :, -n:], key, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["present_value_1"][:, :, -n:], value, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["present_key_1"][:, :, :-n], decode["past_key_1"])
+
+
+def test_encoder_classifier_exit_equals_the_truncated_model(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from skimformer.zoo.hf_export import export_model
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=128, num_labels=3)
+    hf = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
+    export_model(hf, tmp_path / "bert")
+    model, new, record = _exits(tmp_path / "bert" / "model.pt2", "early-exit(at=[0, 1], threshold=0.0)")
+    program = new.programs["model"]
+    out = program.run(program.example_inputs)
+    assert int(out["exit_layer"]) == 1
+    hf.bert.encoder.layer = hf.bert.encoder.layer[:1]
+    with torch.no_grad():
+        want = hf(**program.example_inputs).logits
+    torch.testing.assert_close(out["logits"], want, atol=1e-5, rtol=1e-5)
+    assert record.matched == 2
+    optimize(tmp_path / "bert" / "model.pt2", "early-exit(at=[0, 1], threshold=1.0)", output=tmp_path / "engine")
+    outer = [n for n in onnx.load(str(tmp_path / "engine" / "model.onnx")).graph.node if n.op_type == "If"]
+    inner = [n for a in outer[0].attribute if a.name == "else_branch" for n in a.g.node if n.op_type == "If"]
+    assert len(outer) == len(inner) == 1  # the second exit nests in the first one's full branch
+
+
+def test_engine_runs_the_exit_as_onnx_if_and_reports_depth(tiny_decoder, tmp_path, capsys):
+    engine = optimize(tiny_decoder, "early-exit(at=[0], threshold=0.0)", output=tmp_path / "exits")
+    graph = onnx.load(str(tmp_path / "exits" / "decode.onnx")).graph
+    assert [n.op_type for n in graph.node].count("If") == 1
+    prompt = np.array([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = (prompt > 0).astype(np.int64)
+    result = engine.generate_with_stats(prompt, 6, attention_mask=mask)
+    assert result.extra["mean_exit_layer"] == 1.0 and result.extra["exit_layers"] == [1] * 5
+    model = load(tmp_path / "exits")
+    assert (result.ids == generate(torch_runner(model), prompt, 6, mask).ids).all()
+    assert main(["generate", str(tmp_path / "exits"), "--prompt-ids", "5,6,7", "--max-new-tokens", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mean_exit_layer"] == 1.0
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("early-exit(at=[1])", "exits go after blocks 0..0"),
+    ("early-exit(at=[0], criterion=odds)", "criterion must be one of"),
+    ("early-exit(at=[0], threshold=1.5)", "threshold is a confidence"),
+])
+def test_bad_configurations_are_refused(tiny_decoder, spec, message):
+    with pytest.raises(UserError, match=message):
+        _exits(tiny_decoder, spec)
+
+
+def test_an_encoder_without_a_head_is_refused(exported):
+    with pytest.raises(UserError, match="needs the model's head"):
+        _exits(exported("bert"), "early-exit(at=[0])")
