@@ -124,3 +124,37 @@ def test_bad_configurations_are_refused(tiny_decoder, spec, message):
 def test_an_encoder_without_a_head_is_refused(exported):
     with pytest.raises(UserError, match="needs the model's head"):
         _exits(exported("bert"), "early-exit(at=[0])")
+
+
+def _heads(tmp_path, kind="decoder", dim=64, at=(0,), threshold=0.0):
+    from skimformer.ir.exit_heads import ExitHeads
+
+    g = torch.Generator().manual_seed(1)
+    adapters = {k: (torch.randn(4, dim, generator=g), torch.randn(dim, 4, generator=g) * 0.1) for k in at}
+    per_exit = {k: 0.5 for k in at}
+    heads = ExitHeads(kind=kind, adapters=adapters, criterion="max-prob", thresholds={k: threshold for k in at},
+                      target_agreement=0.99, agreement_before=per_exit, agreement_after=per_exit, exit_rate=per_exit)
+    heads.save(tmp_path / "heads.safetensors")
+    return heads, str(tmp_path / "heads.safetensors")
+
+
+def test_calibrated_heads_put_their_adapter_before_the_head_and_their_thresholds_in(tiny_decoder, tmp_path):
+    from skimformer.ir.exit_heads import adapt
+
+    heads, path = _heads(tmp_path, threshold=0.0)
+    model, new, record = _exits(tiny_decoder, f"early-exit(heads='{path}')")
+    assert record.report["at"] == [0] and record.report["thresholds"] == {"0": 0.0} and record.report["adapters"]
+    prefill, decode = model.programs["prefill"].example_inputs, new.programs["decode"].example_inputs
+    out = new.programs["decode"].run(decode)
+    assert int(out["exit_layer"]) == 1
+    hf = build_model("llama")
+    n = decode["input_ids"].shape[1]
+    with torch.no_grad():
+        hidden = hf(input_ids=torch.cat([prefill["input_ids"], decode["input_ids"]], 1),
+                    attention_mask=decode["attention_mask"],
+                    position_ids=torch.cat([prefill["position_ids"], decode["position_ids"]], 1),
+                    output_hidden_states=True).hidden_states[1][:, -n:]
+        want = hf.lm_head(hf.model.norm(adapt(hidden, *heads.adapters[0])))
+    torch.testing.assert_close(out["logits"], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="has adapters for exits"):
+        _exits(tiny_decoder, f"early-exit(at=[0, 1], heads='{path}')")

@@ -88,3 +88,22 @@ def test_engine_decodes_speculatively_and_losslessly(tiny_decoder, tmp_path):
 def test_bad_pipelines_are_refused(tiny_decoder, spec, message):
     with pytest.raises(UserError, match=message):
         _speculative(tiny_decoder, spec) if ";" not in spec else PassManager(pipeline_from(spec)).run(load(tiny_decoder))
+
+
+def test_a_calibrated_adapter_changes_the_drafts_not_the_output(tiny_decoder, tmp_path):
+    from skimformer.ir.exit_heads import ExitHeads
+
+    g = torch.Generator().manual_seed(1)
+    half = {0: 0.5}
+    ExitHeads(kind="decoder", adapters={0: (torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g))},
+              criterion="max-prob", thresholds=half, target_agreement=0.99, agreement_before=half,
+              agreement_after=half, exit_rate=half).save(tmp_path / "heads.safetensors")
+    model, plain, _ = _speculative(tiny_decoder, "self-speculate(exit=1)")
+    _, adapted, record = _speculative(tiny_decoder, f"self-speculate(exit=1, heads='{tmp_path / 'heads.safetensors'}')")
+    assert record.report["adapter"]
+    ex = {k: plain.programs["decode"].example_inputs[k] for k in plain.programs["draft"].input_names}
+    assert not torch.allclose(adapted.programs["draft"].run(ex)["logits"], plain.programs["draft"].run(ex)["logits"])
+    np.testing.assert_array_equal(speculate(torch_runner(adapted), PROMPT, 16, 3, MASK).ids,
+                                  generate(torch_runner(model), PROMPT, 16, MASK).ids)
+    with pytest.raises(UserError, match="calibrate that exit"):
+        _speculative(tiny_decoder, f"self-speculate(exit=2, heads='{tmp_path / 'heads.safetensors'}')")

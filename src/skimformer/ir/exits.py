@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from skimformer.ir.exit_heads import adapt
 from skimformer.ir.graph import descendants
 from skimformer.ir.rewrite import eliminate_dead_code
 
@@ -136,28 +137,47 @@ def _attach(root: fx.GraphModule, name: str, module: fx.GraphModule) -> str:
     return f"{name}_{i}"
 
 
+def adapter_input(root: fx.GraphModule, name: str, down: torch.Tensor, up: torch.Tensor) -> HeadInput:
+    """A `HeadInput` that maps the hidden state through a calibrated exit adapter
+    (`ir.exit_heads.adapt`), its weights stored on `root` as buffers `{name}_down` / `{name}_up`."""
+    root.register_buffer(f"{name}_down", down.detach().clone())
+    root.register_buffer(f"{name}_up", up.detach().clone())
+
+    def build(graph: fx.Graph, hidden: fx.Node) -> fx.Node:
+        weights = (graph.get_attr(f"{name}_down"), graph.get_attr(f"{name}_up"))
+        return graph.call_function(adapt, (hidden, *weights))
+
+    return build
+
+
 def constant(graph: fx.Graph, value: int) -> fx.Node:
     """A 0-d int64 tensor node (branch outputs must be tensors)."""
     return graph.call_function(torch.ops.aten.scalar_tensor.default, (value,), {"dtype": torch.int64})
+
+
+HeadInput = Callable[[fx.Graph, fx.Node], fx.Node]
 
 
 @dataclass
 class ExitPoint:
     """Where a graph may leave: after `layers_run` blocks, whose residual stream is `hidden`.
     `skipped` are the later blocks' inputs and the last block's output, all read as `hidden` when
-    the graph leaves here."""
+    the graph leaves here. `head_input`, when given, builds what the head reads instead of
+    `hidden` (a calibrated exit adapter) in whichever graph the exit ends up in."""
 
     layers_run: int
     hidden: fx.Node
     skipped: list[fx.Node]
+    head_input: HeadInput | None = None
 
 
-Decide = Callable[[fx.Graph, fx.Node], fx.Node]
+Decide = Callable[[fx.Graph, fx.Node, int], fx.Node]  # (graph, exit logits, layers run) -> leave?
 
 
 def insert_exits(root: fx.GraphModule, graph: fx.Graph, points: list[ExitPoint], logits: fx.Node,
                  outputs: list[fx.Node], depth: int, decide: Decide) -> tuple[list[fx.Node], fx.Node]:
-    """Let `graph` leave at each of `points` (in order) where `decide(graph, exit_logits)` says so.
+    """Let `graph` leave at each of `points` (in order) where `decide(graph, exit_logits, layers_run)`
+    says so.
 
     The head's output at an exit (`logits` computed from the exit's hidden state) is computed once
     before the `torch.cond` and handed to the exit branch; later exits nest in the full branch.
@@ -169,8 +189,9 @@ def insert_exits(root: fx.GraphModule, graph: fx.Graph, points: list[ExitPoint],
     if logits not in cut.outputs:
         raise ValueError("the logits do not depend on the exit's hidden state")
     with graph.inserting_before(output_of(graph)):
-        early = replay(graph, [logits], {n: point.hidden for n in point.skipped}, cut.rest)[0]
-        pred = decide(graph, early)
+        head_reads = point.head_input(graph, point.hidden) if point.head_input else point.hidden
+        early = replay(graph, [logits], {n: head_reads for n in point.skipped}, cut.rest)[0]
+        pred = decide(graph, early, point.layers_run)
 
     taken, env, extra = branch_graph(cut, ["exit_logits"])
     env.update({n: env[point.hidden] for n in point.skipped})
@@ -182,7 +203,7 @@ def insert_exits(root: fx.GraphModule, graph: fx.Graph, points: list[ExitPoint],
     copies = replay(full, cut.outputs, env, cut.copied)
     full.output(tuple(copies))
     if points[1:]:
-        inner = [ExitPoint(p.layers_run, env[p.hidden], [env[s] for s in p.skipped]) for p in points[1:]]
+        inner = [ExitPoint(p.layers_run, env[p.hidden], [env[s] for s in p.skipped], p.head_input) for p in points[1:]]
         copies, ran = insert_exits(root, full, inner, env[logits], copies, depth, decide)
     else:
         with full.inserting_before(output_of(full)):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -31,7 +31,8 @@ from skimformer.errors import UserError
 from skimformer.ir import Model, Program
 from skimformer.ir.attention import find_attention
 from skimformer.ir.blocks import find_blocks
-from skimformer.ir.exits import ExitPoint, insert_exits
+from skimformer.ir.exit_heads import ExitHeads
+from skimformer.ir.exits import ExitPoint, adapter_input, insert_exits
 from skimformer.ir.rewrite import eliminate_dead_code, reexport
 from skimformer.ir.signature import named_outputs, set_outputs
 from skimformer.passes.base import ModelResult, Pass
@@ -42,21 +43,51 @@ CRITERIA = ("max-prob", "margin", "entropy")
 EXIT_LAYER = "exit_layer"
 
 
+DEFAULT_AT, DEFAULT_THRESHOLD, DEFAULT_CRITERION = [8, 16], 0.9, "max-prob"
+
+
 @dataclass
 class EarlyExitConfig:
-    at: list[int] = field(default_factory=lambda: [8, 16])
-    threshold: float = 0.9
-    criterion: str = "max-prob"
+    """`at`, `threshold` and `criterion` default to those of `heads` (a `skimformer calibrate`
+    file: its exits, per-exit thresholds and criterion), else to [8, 16], 0.9 and max-prob."""
+
+    at: list[int] | None = None
+    threshold: float | None = None
+    criterion: str | None = None
+    heads: str | None = None
 
     def __post_init__(self):
-        if self.criterion not in CRITERIA:
+        if self.criterion is not None and self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {self.criterion!r}")
-        if not 0 <= self.threshold <= 1:
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold is a confidence in [0, 1] (1.0 never exits); got {self.threshold}")
-        if not self.at:
+        if self.at is not None and not self.at:
             raise ValueError("at lists the blocks to exit after (0-based), e.g. at=[8, 16]")
-        if len(set(self.at)) != len(self.at) or any(a < 0 for a in self.at):
+        if self.at and (len(set(self.at)) != len(self.at) or any(a < 0 for a in self.at)):
             raise ValueError(f"at must list distinct block indices >= 0; got {self.at}")
+
+
+@dataclass
+class ExitPlan:
+    """The exits to insert, resolved from the config and the calibrated heads."""
+
+    at: list[int]
+    thresholds: dict[int, float]
+    criterion: str
+    heads: ExitHeads | None
+
+    @classmethod
+    def of(cls, config: EarlyExitConfig) -> "ExitPlan":
+        heads = ExitHeads.load(config.heads) if config.heads else None
+        at = sorted(config.at or (heads.at if heads else DEFAULT_AT))
+        if heads and set(at) - set(heads.at):
+            raise UserError(f"{NAME}: {config.heads} has adapters for exits {heads.at}, not for "
+                            f"{sorted(set(at) - set(heads.at))}: calibrate those exits or leave them out of at")
+        criterion = config.criterion or (heads.criterion if heads else DEFAULT_CRITERION)
+        calibrated = heads is not None and config.threshold is None and criterion == heads.criterion
+        thresholds = {a: heads.thresholds[a] if calibrated else (
+            DEFAULT_THRESHOLD if config.threshold is None else config.threshold) for a in at}
+        return cls(at, thresholds, criterion, heads)
 
 
 def confidence(logits: torch.Tensor, criterion: str) -> torch.Tensor:
@@ -77,14 +108,14 @@ def confident(logits: torch.Tensor, criterion: str, threshold: float) -> torch.T
     return (confidence(logits, criterion) > threshold).all()
 
 
-def add_exits(program: Program, config: EarlyExitConfig) -> Program:
-    """`program` with conditional exits after the blocks in `config.at` and an `exit_layer` output."""
+def add_exits(program: Program, plan: ExitPlan) -> Program:
+    """`program` with conditional exits after the blocks in `plan.at` and an `exit_layer` output."""
     module = program.ep.module()
     graph = module.graph
     blocks = find_blocks(graph, find_attention(graph), set())
     last = len(blocks) - 1
-    if any(a >= last for a in config.at):
-        raise UserError(f"{NAME}: at={config.at}, but the model has {len(blocks)} blocks: exits go after blocks "
+    if any(a >= last for a in plan.at):
+        raise UserError(f"{NAME}: at={plan.at}, but the model has {len(blocks)} blocks: exits go after blocks "
                         f"0..{last - 1} (leaving after the last block saves nothing)")
     if any(b.input is None or b.output is None for b in blocks):
         raise UserError(f"{NAME}: a block has no residual stream in and out, so there is no hidden state to exit with")
@@ -94,11 +125,13 @@ def add_exits(program: Program, config: EarlyExitConfig) -> Program:
     if "logits" not in outputs:
         raise UserError(f"{NAME} needs the model's head: the program returns no `logits` "
                         f"(it returns {', '.join(outputs)}); export the model with its LM head or classifier")
-    points = [ExitPoint(a + 1, blocks[a].output, [b.input for b in blocks[a + 1:]] + [blocks[-1].output])
-              for a in sorted(config.at)]
+    points = [ExitPoint(a + 1, blocks[a].output, [b.input for b in blocks[a + 1:]] + [blocks[-1].output],
+                        adapter_input(module, f"exit_adapter_{a}", *plan.heads.adapters[a]) if plan.heads else None)
+              for a in plan.at]
+    by_depth = {a + 1: plan.thresholds[a] for a in plan.at}
 
-    def decide(g: fx.Graph, exit_logits: fx.Node) -> fx.Node:
-        return g.call_function(confident, (exit_logits, config.criterion, config.threshold))
+    def decide(g: fx.Graph, exit_logits: fx.Node, layers_run: int) -> fx.Node:
+        return g.call_function(confident, (exit_logits, plan.criterion, by_depth[layers_run]))
 
     names = list(outputs)
     new, ran = insert_exits(module, graph, points, outputs["logits"], list(outputs.values()), len(blocks), decide)
@@ -126,10 +159,15 @@ class EarlyExit(Pass):
         if role not in model.programs:
             raise UserError(f"{NAME} rewrites an encoder's `model` program or a decoder's `decode` program; "
                             f"this model has {', '.join(model.programs)}")
-        program = add_exits(model.programs[role], config)
-        report = {"program": role, "at": sorted(config.at), "criterion": config.criterion,
-                  "threshold": config.threshold,
+        plan = ExitPlan.of(config)
+        if plan.heads and plan.heads.kind != model.kind:
+            raise UserError(f"{NAME}: {config.heads} was calibrated on an {plan.heads.kind}, and this model is an "
+                            f"{model.kind}: calibrate this model")
+        program = add_exits(model.programs[role], plan)
+        report = {"program": role, "at": plan.at, "criterion": plan.criterion,
+                  "thresholds": {str(a): t for a, t in plan.thresholds.items()},
+                  "adapters": bool(plan.heads),
                   "batch_rule": "a batch leaves an exit only when every row is confident",
                   "skipped_cache": "skipped layers' keys and values are projected from the exit hidden state",
                   "example_inputs": exit_histogram(program)}
-        return ModelResult(model.replace({**model.programs, role: program}), report, len(config.at))
+        return ModelResult(model.replace({**model.programs, role: program}), report, len(plan.at))

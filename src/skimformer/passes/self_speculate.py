@@ -30,7 +30,8 @@ from skimformer.errors import UserError
 from skimformer.ir import Model, Program
 from skimformer.ir.attention import find_attention
 from skimformer.ir.blocks import find_blocks
-from skimformer.ir.exits import replay
+from skimformer.ir.exit_heads import ExitHeads
+from skimformer.ir.exits import adapter_input, replay
 from skimformer.ir.graph import descendants
 from skimformer.ir.rewrite import reexport
 from skimformer.ir.signature import (add_input, input_nodes, named_outputs, output_node, removable_inputs,
@@ -48,6 +49,7 @@ DYN = torch.export.Dim.DYNAMIC
 class SelfSpeculateConfig:
     exit: int = 8
     draft: int = 4
+    heads: str | None = None  # `skimformer calibrate` adapters: the draft's head reads adapter `exit - 1`
 
     def __post_init__(self):
         if self.exit < 1:
@@ -60,7 +62,7 @@ def _layer(name: str) -> int:
     return int(name.rsplit("_", 1)[1])
 
 
-def _split(decode: Program, exit_at: int) -> tuple[Program, Program]:
+def _split(decode: Program, exit_at: int, heads: ExitHeads | None) -> tuple[Program, Program]:
     """The draft and verify programs (module docstring) cut from the decode program."""
     draft_module, verify_module = decode.ep.module(), decode.ep.module()
 
@@ -75,7 +77,10 @@ def _split(decode: Program, exit_at: int) -> tuple[Program, Program]:
     hidden = blocks[exit_at].input
     skipped = [b.input for b in blocks[exit_at + 1:]] + [blocks[-1].output]
     with graph.inserting_before(output_node(draft_module)):
-        logits = replay(graph, [outputs["logits"]], {n: hidden for n in skipped}, descendants([hidden]))[0]
+        head_reads = hidden
+        if heads is not None:
+            head_reads = adapter_input(draft_module, "draft_adapter", *heads.adapters[exit_at - 1])(graph, hidden)
+        logits = replay(graph, [outputs["logits"]], {n: head_reads for n in skipped}, descendants([hidden]))[0]
     kept = {k: v for k, v in outputs.items() if k.startswith("present_") and _layer(k) < exit_at}
     set_outputs(draft_module, {"logits": logits, **kept, HIDDEN: hidden})
     remove_inputs(draft_module, removable_inputs(draft_module))
@@ -123,8 +128,13 @@ class SelfSpeculate(Pass):
         if "draft" in model.programs:
             raise UserError(f"{NAME} was applied twice: the model already has a draft program")
         _check_plain_cache(model)
-        draft, verify = _split(model.programs["decode"], config.exit)
-        report = {"exit": config.exit, "draft": config.draft, "programs": ["draft", "verify"],
+        heads = ExitHeads.load(config.heads) if config.heads else None
+        if heads is not None and (heads.kind != "decoder" or config.exit - 1 not in heads.adapters):
+            raise UserError(f"{NAME}: exit={config.exit} drafts from block {config.exit - 1}'s output, and "
+                            f"{config.heads} has decoder adapters for blocks {heads.at if heads.kind == 'decoder' else []}: "
+                            f"calibrate that exit (`skimformer calibrate MODEL --at {config.exit - 1}`)")
+        draft, verify = _split(model.programs["decode"], config.exit, heads)
+        report = {"exit": config.exit, "draft": config.draft, "programs": ["draft", "verify"], "adapter": bool(heads),
                   "cache_reuse": "verify reads the draft's hidden states and cache of the first `exit` layers",
                   "batch_rule": "a batch keeps the drafted prefix that every row agrees with"}
         rewritten = model.replace({**model.programs, "draft": draft, "verify": verify})
