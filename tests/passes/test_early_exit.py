@@ -112,7 +112,7 @@ def test_engine_runs_the_exit_as_onnx_if_and_reports_depth(tiny_decoder, tmp_pat
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("early-exit(at=[1])", "exits go after blocks 0..0"),
+    ("early-exit(at=[2])", "exits go after blocks 0..1"),
     ("early-exit(at=[0], criterion=odds)", "criterion must be one of"),
     ("early-exit(at=[0], threshold=1.5)", "threshold is a confidence"),
 ])
@@ -158,3 +158,12 @@ def test_calibrated_heads_put_their_adapter_before_the_head_and_their_thresholds
     torch.testing.assert_close(out["logits"], want, atol=1e-5, rtol=1e-5)
     with pytest.raises(UserError, match="has adapters for exits"):
         _exits(tiny_decoder, f"early-exit(at=[0, 1], heads='{path}')")
+
+
+def test_an_exit_after_the_last_block_leaves_with_the_full_models_output(tiny_decoder):
+    model, new, _ = _exits(tiny_decoder, "early-exit(at=[1], threshold=0.0)")
+    decode = new.programs["decode"]
+    out = decode.run(decode.example_inputs)
+    assert int(out.pop("exit_layer")) == 2
+    err, ok = max_abs_error(model.programs["decode"].run(decode.example_inputs), out)
+    assert ok, err

@@ -113,10 +113,9 @@ def add_exits(program: Program, plan: ExitPlan) -> Program:
     module = program.ep.module()
     graph = module.graph
     blocks = find_blocks(graph, find_attention(graph), set())
-    last = len(blocks) - 1
-    if any(a >= last for a in plan.at):
+    if any(a >= len(blocks) for a in plan.at):
         raise UserError(f"{NAME}: at={plan.at}, but the model has {len(blocks)} blocks: exits go after blocks "
-                        f"0..{last - 1} (leaving after the last block saves nothing)")
+                        f"0..{len(blocks) - 1}")
     if any(b.input is None or b.output is None for b in blocks):
         raise UserError(f"{NAME}: a block has no residual stream in and out, so there is no hidden state to exit with")
     outputs = named_outputs(module)
