@@ -480,6 +480,7 @@ def fidelity_section() -> tuple[list[dict], str]:
             row["vs full"] = f"{cache[b.spec] / cache['']:.2f}x"
             row["ppl vs full"] = f"{ppl[b.spec] / ppl['']:.3f}x"
         rows.append(row)
+        progress(f"  {row}")  # the figures reach the log even if a later row stops the run
     for spec, threshold in ((Q4, 0.9), (Q8, 0.99)):
         name = f"{spec}: next-token agreement >= {threshold}"
         if spec in agree:
@@ -570,6 +571,7 @@ def passkey_section() -> tuple[list[dict], str]:
         by_depth = "".join("x" if h else "." for h in hits)
         rows.append({**row, "accuracy": f"{100 * acc[b.spec]:.0f}%", "by depth (0 -> 100%)": by_depth,
                      "first answer": answers[0][:24], "s": f"{time.perf_counter() - t0:.0f}", "note": b.status})
+        progress(f"  {rows[-1]}")
     spec = snap(0.5)
     name = f"{spec}: passkey >= 90% of the full cache's"
     if "" in acc and spec in acc:

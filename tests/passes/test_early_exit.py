@@ -104,7 +104,7 @@ def test_engine_runs_the_exit_as_onnx_if_and_reports_depth(tiny_decoder, tmp_pat
     prompt = np.array([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
     mask = (prompt > 0).astype(np.int64)
     result = engine.generate_with_stats(prompt, 6, attention_mask=mask)
-    assert result.extra["mean_exit_layer"] == 1.0 and result.extra["exit_layers"] == [1] * 5
+    assert result.extra["mean_exit_layer"] == 1.0 and result.extra["exit_histogram"] == {"1": 5}
     model = load(tmp_path / "exits")
     assert (result.ids == generate(torch_runner(model), prompt, 6, mask).ids).all()
     assert main(["generate", str(tmp_path / "exits"), "--prompt-ids", "5,6,7", "--max-new-tokens", "3", "--json"]) == 0

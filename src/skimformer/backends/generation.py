@@ -129,7 +129,8 @@ def generate(run: Callable[[dict, str], dict], prompt_ids, max_new_tokens: int, 
              eos_token_id: int | None = None, sampling: Sampling | None = None) -> Generation:
     """Generate with `run(feeds, role)` (an engine's programs); rows of a left-padded batch
     finish independently when `eos_token_id` is given. A decode program that returns
-    `exit_layer` (early exits) gives `mean_exit_layer` over the decode steps in `extra`."""
+    `exit_layer` (early exits) gives `mean_exit_layer` and `exit_histogram` (blocks run -> decode
+    steps) over the decode steps in `extra`."""
     prompt = Prompt.of(prompt_ids, attention_mask, max_new_tokens)
     choose = (sampling or Sampling()).chooser()
     start = time.perf_counter()
@@ -152,6 +153,7 @@ def generate(run: Callable[[dict, str], dict], prompt_ids, max_new_tokens: int, 
         if EXIT_LAYER in outputs:
             depths.append(int(outputs[EXIT_LAYER]))
         next_pos = next_pos + 1
-    extra = {"mean_exit_layer": float(np.mean(depths)), "exit_layers": depths} if depths else {}
+    extra = {"mean_exit_layer": float(np.mean(depths)),
+             "exit_histogram": {str(d): depths.count(d) for d in sorted(set(depths))}} if depths else {}
     return Generation(np.stack(generated, axis=1), carried_bytes(outputs), time.perf_counter() - start,
                       len(generated) - 1, extra)
