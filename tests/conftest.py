@@ -97,3 +97,32 @@ def tiny_decoder(tmp_path_factory):
     out = tmp_path_factory.mktemp("decoder") / "llama"
     export_zoo("llama", out, size="tiny")
     return out
+
+
+class AttentionOnly(torch.nn.Module):
+    """Two bare attention layers with no FFN, on `[B, n, 16]`; `residual=False` replaces the
+    stream with attention's output instead of adding to it. Structures passes must refuse."""
+
+    def __init__(self, residual: bool):
+        super().__init__()
+        self.residual = residual
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(16, 48) for _ in range(2))
+
+    def forward(self, x):
+        for qkv in self.layers:
+            q, k, v = qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+            x = x + out if self.residual else out
+        return x
+
+
+def greedy_by_prefill(prefill, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy continuation of a one-row prompt by re-running a prefill program on the growing
+    sequence: the reference for an engine's `generate`, which uses the cache instead."""
+    ids = prompt
+    for _ in range(steps):
+        n = ids.shape[1]
+        out = prefill.run({"input_ids": ids, "attention_mask": torch.ones(1, n, dtype=torch.long),
+                           "position_ids": torch.arange(n)[None]})
+        ids = torch.cat([ids, out["logits"][:, -1:].argmax(-1)], dim=1)
+    return ids[:, prompt.shape[1]:]

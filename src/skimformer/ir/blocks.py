@@ -130,3 +130,42 @@ def find_blocks(graph: fx.Graph, sites: list[AttentionSite], params: set[str]) -
             _residual_ends(block, params)
         blocks.append(block)
     return blocks
+
+
+# Steps that keep the residual stream's values: no-op casts and reshapes (OPT runs its MLP on a
+# `[B * n, hidden]` view of the stream).
+STREAM_STEPS = NO_OP_STEPS | {"view", "reshape", "_unsafe_view", "flatten", "unflatten"}
+
+
+def stream_views(node: fx.Node, members: set[fx.Node]) -> set[fx.Node]:
+    """`node` and the casts and reshapes of it among `members`, directly or in a chain."""
+    found, todo = {node}, [node]
+    while todo:
+        for user in todo.pop().users:
+            if user in members and op_name(user) in STREAM_STEPS and user not in found:
+                found.add(user)
+                todo.append(user)
+    return found
+
+
+def residual_midpoint(block: Block) -> fx.Node | None:
+    """The residual stream between attention and MLP: the first node after attention that every
+    path to the block's output crosses and that then branches, itself or a cast or reshape of
+    it (into the MLP and its skip). None when there is none: attention and MLP in parallel
+    (GPT-NeoX), or no residual ends."""
+    if block.output is None:
+        return None
+    site = block.attention[0]
+    graph = to_networkx(block.nodes)
+    after = nx.descendants(graph, site.output) if site.output in graph else set()
+    members = set(graph)
+    for node in block.nodes:
+        if node not in after or node is block.output or shape(node) != shape(block.input):
+            continue
+        if all(len([u for u in view.users if u in members]) < 2 for view in stream_views(node, members)):
+            continue
+        cut = graph.copy()
+        cut.remove_node(node)
+        if not nx.has_path(cut, site.output, block.output):
+            return node
+    return None

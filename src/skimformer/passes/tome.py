@@ -22,15 +22,14 @@ import operator
 from dataclasses import dataclass
 from typing import Literal
 
-import networkx as nx
 import torch
 import torch.fx as fx
 
 from skimformer.errors import UserError
 from skimformer.ir import Model
 from skimformer.ir.attention import find_attention, sdpa_mask, set_sdpa_mask
-from skimformer.ir.blocks import Block, find_blocks
-from skimformer.ir.graph import shape, to_networkx
+from skimformer.ir.blocks import Block, find_blocks, residual_midpoint
+from skimformer.ir.graph import shape
 from skimformer.ir.program import Program
 from skimformer.ir.rewrite import reexport, refresh_shapes
 from skimformer.ir.shrink import Reduction, shrink_tokens
@@ -61,24 +60,6 @@ def merges_per_block(config: TomeConfig, blocks: int) -> list[int]:
     if config.schedule == "constant" or blocks < 2:
         return [config.r] * blocks
     return [round(2 * config.r * (1 - i / (blocks - 1))) for i in range(blocks)]
-
-
-def merge_point(block: Block) -> fx.Node:
-    """The residual stream between attention and MLP: the first node after attention that every
-    path to the block's output crosses and that then branches (into the MLP and its skip)."""
-    site = block.attention[0]
-    graph = to_networkx(block.nodes)
-    after = nx.descendants(graph, site.output) if site.output in graph else set()
-    for node in block.nodes:
-        if node not in after or node is block.output or shape(node) != shape(block.input):
-            continue
-        if len([u for u in node.users if u in graph]) < 2:
-            continue
-        cut = graph.copy()
-        cut.remove_node(node)
-        if not nx.has_path(cut, site.output, block.output):
-            return node
-    raise UserError(f"tome: block {block.index} has no residual stream between attention and MLP to merge on")
 
 
 class _ProportionalAttention:
@@ -166,7 +147,9 @@ def merge_tokens(program: Program, config: TomeConfig) -> tuple[Program, int]:
         block = find_blocks(graph, find_attention(graph), set())[index]
         if block.output is None or block.input_axis is None or not block.input_axis.plain:
             raise UserError(f"tome: block {index} has no residual stream with a token axis that can be merged")
-        point = merge_point(block)
+        point = residual_midpoint(block)
+        if point is None:
+            raise UserError(f"tome: block {index} has no residual stream between attention and MLP to merge on")
         dim = block.input_axis.dim
         bias.remove(_fused_sites_after(graph, point))
         shrink_tokens(graph, point, Axis(dim, shape(point)[dim]), _reduction(block, r, config, dim, sizes, holder))
