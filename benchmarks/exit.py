@@ -62,6 +62,12 @@ DRAFTS = [1, 2, 3, 4, 6]
 VERIFY_EXTRA = 0.25  # cost of each extra verified position, as a fraction of a one-position pass
 SPEED_TARGET = 1.3
 QUICK = False
+REUSE = False
+
+
+def build(export: Path, source: Path, spec: str) -> T.Built:
+    """The engine of `spec`, or with --reuse-engines the newest cached one whatever its sources."""
+    return (REUSE and T.newest_cached(export, spec)) or T.build(export, source, spec)
 
 
 def _smollm2() -> tuple[Path, transformers.PreTrainedTokenizerBase]:
@@ -142,7 +148,7 @@ def speculate_section() -> list[tuple]:
     heads = ExitHeads.load(_heads(export, EXITS))
     prompts, new = (2, 32) if QUICK else (6, 64)
     prompt = 96
-    base = T.build(export, export, "")
+    base = build(export, export, "")
     ids = _prompts(tokenizer, prompts, prompt)
     progress(f"greedy reference: {prompts} prompts x {new} tokens")
     reference = np.concatenate([base.engine.generate(row[None], new) for row in ids])
@@ -170,7 +176,7 @@ def speculate_section() -> list[tuple]:
     measured = []
     for adapted in (False, True):
         spec = f"self-speculate(exit={k + 1}, draft={draft}" + (f", heads='{_heads(export, EXITS)}')" if adapted else ")")
-        built = T.build(export, export, spec)
+        built = build(export, export, spec)
         if built.engine is None:
             measured.append({"pipeline": spec, "note": built.status})
             continue
@@ -224,7 +230,7 @@ def early_section() -> tuple[list[dict], str]:
     at = [7, 14, 22]
     prompts, prompt, new = (2, 64, 16) if QUICK else (4, 96, 48)
     ids = _prompts(tokenizer, prompts, prompt + new)
-    base = T.build(export, export, "")
+    base = build(export, export, "")
     want, base_nll, _, base_speed = _teacher_forced_exits(base.engine, ids, prompt)
     out = [{"pipeline": "full model", "agreement": "1.000", "ppl": f"{math.exp(base_nll.mean()):.2f}",
             "mean depth": "30", "decode tokens/s": f"{base_speed:.1f}"}]
@@ -233,7 +239,7 @@ def early_section() -> tuple[list[dict], str]:
         heads = T.CACHE / "heads" / f"smollm2-early-{target}.safetensors"
         if not heads.is_file():
             calibrate_model(load(export), at=at, out=heads, target_agreement=target, progress=lambda m: progress(f"  {m}"))
-        built = T.build(export, export, f"early-exit(heads='{heads}')")
+        built = build(export, export, f"early-exit(heads='{heads}')")
         if built.engine is None:
             out.append({"pipeline": f"target {target}", "note": built.status})
             continue
@@ -254,7 +260,7 @@ def digits_section() -> tuple[list[dict], str]:
     x_train, y_train, *_ = digits.digits_data()
     params = dict(batch=2, seq_len=0, weights=digits._key())
     export = T.cached_export("digits-vit", params, lambda out: export_model(model, out, batch=2, seq_len=0))
-    base = T.build(export, export / "model.pt2", "")
+    base = build(export, export / "model.pt2", "")
     images = x_test.numpy()
     labels = y_test.numpy()
 
@@ -274,7 +280,7 @@ def digits_section() -> tuple[list[dict], str]:
         if not heads.is_file():
             calibrate_model(load(export / "model.pt2"), data={"pixel_values": x_train.numpy()}, at=[0, 1, 2],
                             out=heads, target_agreement=target, progress=lambda m: progress(f"  {m}"))
-        built = T.build(export, export / "model.pt2", f"early-exit(heads='{heads}')")
+        built = build(export, export / "model.pt2", f"early-exit(heads='{heads}')")
         if built.engine is None:
             rows.append({"pipeline": f"target {target}", "note": built.status})
             continue
@@ -298,13 +304,15 @@ SECTIONS = ("speculate", "early", "digits")
 
 
 def main() -> None:
-    global QUICK
+    global QUICK, REUSE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     parser.add_argument("--quick", action="store_true", help="a smoke test: fewer prompts, tokens and settings")
     parser.add_argument("--fresh", action="store_true", help="rebuild the engines even when cached")
+    parser.add_argument("--reuse-engines", action="store_true",
+                        help="take the newest cached engine of each pipeline, built from any source version")
     args = parser.parse_args()
-    QUICK, T.FRESH = args.quick, args.fresh
+    QUICK, REUSE, T.FRESH = args.quick, args.reuse_engines, args.fresh
     setup_threads()
     sections = Sections([s.strip() for s in args.only.split(",") if s.strip()])
     sections.run("speculate", "self-speculation", [], speculate_section)

@@ -141,7 +141,7 @@ def engine(export: Path, spec: str) -> T.Built:
     if spec and not selected(spec):
         return T.Built(spec, status="n/a (not selected)")
     if key not in _BUILT:
-        _BUILT[key] = (REUSE and not T._skipped(spec) and _any_cached(export, spec)) or T.build(export, export, spec)
+        _BUILT[key] = (REUSE and not T._skipped(spec) and T.newest_cached(export, spec)) or T.build(export, export, spec)
     return _BUILT[key]
 
 
@@ -158,18 +158,6 @@ def selected(spec: str) -> bool:
         return True
     names = set(T._names(spec))
     return _squash(spec) in {_squash(x) for x in SELECTED} or names <= set(SELECTED)
-
-
-def _any_cached(export: Path, spec: str) -> T.Built | None:
-    """--reuse-engines: the newest cached engine of `spec`, whatever the source digest it was built at."""
-    for folder in sorted((T.CACHE / "engines").glob(f"{export.name}--{T._slug(spec)}--*"),
-                         key=lambda f: f.stat().st_mtime, reverse=True):
-        try:
-            return T.Built(spec, T.Engine.load(folder), json.loads((folder / "report.json").read_text()),
-                           "cached (--reuse-engines)")
-        except Exception:
-            continue
-    return None
 
 
 def weight_bytes(built: T.Built) -> int:

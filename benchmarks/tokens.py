@@ -191,6 +191,18 @@ def build(export: Path, source: Path, spec: str) -> Built:
     return built
 
 
+def newest_cached(export: Path, spec: str) -> Built | None:
+    """--reuse-engines: the newest cached engine of `spec`, whatever the source digest it was built at."""
+    for folder in sorted((CACHE / "engines").glob(f"{export.name}--{_slug(spec)}--*"),
+                         key=lambda f: f.stat().st_mtime, reverse=True):
+        try:
+            return Built(spec, Engine.load(folder), json.loads((folder / "report.json").read_text()),
+                         "cached (--reuse-engines)")
+        except Exception:
+            continue
+    return None
+
+
 # -- formatting ---------------------------------------------------------------------------------
 
 def _x(value: float | None) -> str:
