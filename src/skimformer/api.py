@@ -1,4 +1,5 @@
-"""The Python API: `skimformer.optimize(model, passes=..., backend=...) -> Engine`."""
+"""The Python API: `skimformer.optimize(model, passes=..., backend=...) -> Engine` and
+`skimformer.calibrate(model, out=...) -> Calibration`."""
 from __future__ import annotations
 
 import tempfile
@@ -8,6 +9,7 @@ from typing import Callable
 from skimformer.backends.build import build_engine, check_destination
 from skimformer.backends.registry import backend_module
 from skimformer.backends.engine import Engine
+from skimformer.calibration import CRITERION, RANK, STEPS, TARGET_AGREEMENT, Calibration, calibrate_model
 from skimformer.ir import Model, Program, analyze, load
 from skimformer.passes import PassManager, pipeline_from
 from skimformer.passes.spec import Step
@@ -52,3 +54,17 @@ def optimize(model, passes: str | None = None, backend: str = "onnxruntime", out
     check_destination(out, force)
     engine, _ = optimize_model(_as_model(model), out, pipeline, backend=backend, measure=measure, force=force)
     return engine
+
+
+def calibrate(model, data: str | Path | dict | None = None, at: list[int] | None = None, out: str | Path | None = None,
+              *, target_agreement: float = TARGET_AGREEMENT, rank: int = RANK, criterion: str = CRITERION,
+              steps: int = STEPS, seed: int = 0) -> Calibration:
+    """Train exit adapters for a model (a path, `Model` or `Program`; the backbone stays frozen) and
+    choose per-exit thresholds; writes the exit-heads file `out` when given (see `skimformer.calibration`).
+
+    `data`: an .npz path or a dict of arrays named like the program's inputs, rows first (a
+    decoder's default: the shipped texts). `at`: blocks to exit after (default: at 1/4, 1/2 and 3/4
+    of the depth). The result's `heads` hold the adapters, thresholds and agreement figures.
+    """
+    return calibrate_model(_as_model(model), data, at, out, target_agreement=target_agreement, rank=rank,
+                           criterion=criterion, steps=steps, seed=seed)

@@ -14,6 +14,8 @@ from skimformer.backends.build import check_destination
 from skimformer.backends.engine import Engine
 from skimformer.backends.generation import Sampling
 from skimformer.backends.report import format_table
+from skimformer.calibration import calibrate_model, check_options
+from skimformer.calibration.data import read_npz
 from skimformer.cli.progress import Progress
 from skimformer.errors import UserError
 from skimformer.ir import analyze, load
@@ -122,13 +124,17 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _int_list(text: str, option: str, example: str) -> list[int]:
+    """Comma-separated integers (`1,2,3`), or a UserError naming the option."""
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated integers such as {example}; got {text!r}") from None
+
+
 def _prompt_ids(args, tokenizer) -> list[int]:
     if args.prompt_ids is not None:
-        try:
-            ids = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
-        except ValueError:
-            raise UserError(f"--prompt-ids takes comma-separated integers such as 1,2,3; got {args.prompt_ids!r}") from None
-        return ids
+        return _int_list(args.prompt_ids, "--prompt-ids", "1,2,3")
     if tokenizer is None:
         raise UserError("this engine folder has no tokenizer files: give --prompt-ids 1,2,3 instead of --prompt")
     return tokenizer(args.prompt)["input_ids"]
@@ -153,6 +159,22 @@ def cmd_generate(args) -> int:
         print(tokenizer.decode(generated, skip_special_tokens=True))
     else:
         print(",".join(map(str, generated)))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    at = _int_list(args.at, "--at", "8,16") if args.at is not None else None
+    check_options(args.output, args.target_agreement, args.rank, args.criterion, args.steps)  # before slow work
+    data = read_npz(args.data) if args.data is not None else None
+    progress = Progress()
+    result = calibrate_model(load(args.model), data, at, args.output, target_agreement=args.target_agreement,
+                             rank=args.rank, criterion=args.criterion, steps=args.steps, seed=args.seed,
+                             progress=progress)
+    if args.json:
+        _print_json(result.summary())
+    else:
+        print(result.table())
+        print(f"exit heads written to {result.output}")
     return 0
 
 

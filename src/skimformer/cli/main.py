@@ -39,6 +39,7 @@ def _add_optimize_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from skimformer.calibration import CRITERION, RANK, STEPS, TARGET_AGREEMENT
     from skimformer.cli import commands as c
 
     parser = _Parser(prog="skimformer", description="A compiler for transformer inference.")
@@ -88,6 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one object: ids (prompt excluded), text, kv_cache_bytes, tokens_per_s")
     p.set_defaults(func=c.cmd_generate)
+
+    p = sub.add_parser("calibrate", help="train exit adapters (backbone frozen) and choose early-exit thresholds")
+    p.add_argument("model", help="a .pt2 file or a decoder folder")
+    p.add_argument("--data", help=".npz with one array per program input, rows first "
+                                  "(required for encoders; decoders default to the shipped texts)")
+    p.add_argument("-o", "--output", required=True, help="exit-heads file to write (heads.safetensors)")
+    p.add_argument("--at", help="blocks to exit after, 0-based, comma-separated: 8,16 "
+                                "(default: at 1/4, 1/2, 3/4 of the depth)")
+    p.add_argument("--target-agreement", type=float, default=TARGET_AGREEMENT,
+                   help=f"top-1 agreement with the full model each exit must keep (default {TARGET_AGREEMENT})")
+    p.add_argument("--rank", type=int, default=RANK, help=f"rank of each exit adapter (default {RANK})")
+    p.add_argument("--criterion", default=CRITERION,
+                   help=f"confidence: max-prob, margin or entropy (default {CRITERION})")
+    p.add_argument("--steps", type=int, default=STEPS,
+                   help=f"Adam steps per exit (default {STEPS}; 0 only picks thresholds)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=c.cmd_calibrate)
     return parser
 
 

@@ -1,0 +1,98 @@
+"""Calibration inputs: rows of a program's inputs, split into training and held-out batches.
+
+A decoder calibrates on its prefill program, whose logits cover every prompt position, so each
+row gives one calibration position per token. By default the rows are cut from the shipped texts
+(`zoo.texts`, public-domain English) with the model's own tokenizer, so a decoder needs nothing
+but itself. An encoder's inputs (images, sentences of some task, another language) cannot be
+guessed: it needs an .npz with one array per program input, rows first.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skimformer.backends.engine import TOKENIZER_FILES
+from skimformer.errors import UserError
+from skimformer.ir import Model, Program
+
+ROWS = 32  # text rows for a decoder: 32 x 128 = 4096 positions
+SEQ_LEN = 128
+HELD_OUT = 0.2  # the fraction of rows kept for agreement figures and thresholds
+NPZ_HINT = "give an .npz with one array per program input, rows first (np.savez('inputs.npz', input_ids=...))"
+
+Batch = dict[str, torch.Tensor]
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"{path}: cannot read calibration inputs ({str(e).splitlines()[0]}); {NPZ_HINT}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise UserError(f"{path} holds a single array, not named arrays; {NPZ_HINT}")
+    try:
+        with data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"{path}: cannot read calibration inputs ({str(e).splitlines()[0]}); {NPZ_HINT}") from None
+
+
+def text_rows(model: Model, rows: int = ROWS, seq_len: int = SEQ_LEN) -> dict[str, np.ndarray]:
+    """`input_ids [rows, seq_len]`: the start of `rows` different passages of the shipped texts."""
+    from skimformer.zoo.texts import passage  # the zoo imports transformers: only when it is needed
+
+    tokenizer = _tokenizer(model)
+    ids = [tokenizer(passage(seq_len, i, tokenizer))["input_ids"][:seq_len] for i in range(rows)]
+    return {"input_ids": np.array(ids, dtype=np.int64)}
+
+
+def _tokenizer(model: Model):
+    folder = model.source
+    if folder is None or not any((Path(folder) / name).exists() for name in TOKENIZER_FILES):
+        raise UserError(f"the decoder folder {folder} has no tokenizer files, so calibrate cannot tokenize its "
+                        f"texts: {NPZ_HINT}")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"the tokenizer in {folder} cannot be loaded ({str(e).splitlines()[0]}): {NPZ_HINT}") from None
+
+
+def as_inputs(arrays: dict, program: Program, decoder: bool) -> Batch:
+    """The program's inputs as tensors of its dtypes, all with the same rows. A decoder's prefill
+    may be given `input_ids` alone: no padding, positions counted from each row's first token."""
+    tensors = {name: torch.as_tensor(value) for name, value in arrays.items()}
+    if decoder and "input_ids" in tensors:
+        mask = tensors.setdefault("attention_mask", torch.ones_like(tensors["input_ids"]))
+        tensors.setdefault("position_ids", (mask.long().cumsum(-1) - 1).clamp(min=0))
+    missing = [name for name in program.input_names if name not in tensors]
+    if missing:
+        raise UserError(f"the calibration inputs lack {', '.join(missing)} (the {program.role} program takes "
+                        f"{', '.join(program.input_names)}); {NPZ_HINT}")
+    dtypes = {name: node.meta["val"].dtype for name, node in zip(program.input_names, program.input_nodes())}
+    try:
+        inputs = {name: tensors[name].to(dtypes[name]) for name in program.input_names}
+    except (TypeError, RuntimeError) as e:
+        raise UserError(f"the calibration inputs cannot be converted to the program's dtypes ({e}); "
+                        f"{NPZ_HINT}") from None
+    rows = {t.shape[0] if t.dim() else 0 for t in inputs.values()}
+    if len(rows) != 1 or min(rows) < 2:
+        shapes = ", ".join(f"{name} {list(t.shape)}" for name, t in inputs.items())
+        raise UserError(f"the calibration inputs need the same number of rows (>= 2: some to train on, some to "
+                        f"hold out) in every array; got {shapes}")
+    return inputs
+
+
+def split(inputs: Batch, batch: int, seed: int) -> tuple[list[Batch], list[Batch]]:
+    """Training and held-out batches of `batch` rows; rows are shuffled with `seed` first."""
+    rows = next(iter(inputs.values())).shape[0]
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
+    held = max(1, round(HELD_OUT * rows))
+
+    def batches(index: torch.Tensor) -> list[Batch]:
+        return [{name: t[index[i:i + batch]] for name, t in inputs.items()} for i in range(0, len(index), batch)]
+
+    return batches(order[held:]), batches(order[:held])
