@@ -15,3 +15,15 @@ def torch_runner(model: Model):
         return {k: v.numpy() for k, v in program.run(inputs).items()}
 
     return run
+
+
+def hidden_after(hf, prefill: dict, decode: dict, blocks: int) -> torch.Tensor:
+    """The transformers model's residual stream after its first `blocks` layers at the decode
+    step's positions, computed over the whole sequence (prefill example, then decode example)."""
+    n = decode["input_ids"].shape[1]
+    with torch.no_grad():
+        out = hf(input_ids=torch.cat([prefill["input_ids"], decode["input_ids"]], 1),
+                 attention_mask=decode["attention_mask"],
+                 position_ids=torch.cat([prefill["position_ids"], decode["position_ids"]], 1),
+                 output_hidden_states=True)
+    return out.hidden_states[blocks][:, -n:]

@@ -14,7 +14,7 @@ from skimformer.passes import PassManager, pipeline_from
 from skimformer.passes.early_exit import confidence, confident
 from skimformer.passes.manager import max_abs_error
 from skimformer.zoo import build_model
-from tests.decoding import torch_runner
+from tests.decoding import hidden_after, torch_runner
 
 
 def _exits(path, spec):
@@ -53,12 +53,9 @@ def test_exit_applies_the_head_and_propagates_the_exit_state_to_skipped_layers(t
     out = new.programs["decode"].run(decode)
     assert int(out["exit_layer"]) == 1
     hf = build_model("llama")
-    ids = torch.cat([prefill["input_ids"], decode["input_ids"]], 1)
-    positions = torch.cat([prefill["position_ids"], decode["position_ids"]], 1)
     n = decode["input_ids"].shape[1]
+    hidden = hidden_after(hf, prefill, decode, 1)
     with torch.no_grad():
-        hidden = hf(input_ids=ids, attention_mask=decode["attention_mask"], position_ids=positions,
-                    output_hidden_states=True).hidden_states[1][:, -n:]
         torch.testing.assert_close(out["logits"], hf.lm_head(hf.model.norm(hidden)), atol=1e-5, rtol=1e-5)
         layer = hf.model.layers[1]
         x = layer.input_layernorm(hidden)
@@ -148,12 +145,8 @@ def test_calibrated_heads_put_their_adapter_before_the_head_and_their_thresholds
     out = new.programs["decode"].run(decode)
     assert int(out["exit_layer"]) == 1
     hf = build_model("llama")
-    n = decode["input_ids"].shape[1]
+    hidden = hidden_after(hf, prefill, decode, 1)
     with torch.no_grad():
-        hidden = hf(input_ids=torch.cat([prefill["input_ids"], decode["input_ids"]], 1),
-                    attention_mask=decode["attention_mask"],
-                    position_ids=torch.cat([prefill["position_ids"], decode["position_ids"]], 1),
-                    output_hidden_states=True).hidden_states[1][:, -n:]
         want = hf.lm_head(hf.model.norm(adapt(hidden, *heads.adapters[0])))
     torch.testing.assert_close(out["logits"], want, atol=1e-5, rtol=1e-5)
     with pytest.raises(UserError, match="has adapters for exits"):

@@ -8,7 +8,7 @@ from skimformer.backends.generation import Sampling, generate
 from skimformer.backends.speculation import speculate
 from skimformer.passes import PassManager, pipeline_from
 from skimformer.zoo import build_model
-from tests.decoding import torch_runner
+from tests.decoding import hidden_after, torch_runner
 
 PROMPT = np.array([[0, 0, 0, 5, 6, 7], [8, 9, 10, 11, 12, 13]])
 MASK = (PROMPT > 0).astype(np.int64)
@@ -34,12 +34,8 @@ def test_draft_is_the_first_blocks_under_the_models_own_head(split):
     assert draft.input_names == ["input_ids", "attention_mask", "position_ids", "past_key_0", "past_value_0"]
     out = draft.run({k: decode[k] for k in draft.input_names})
     hf = build_model("llama")
-    n = decode["input_ids"].shape[1]
+    hidden = hidden_after(hf, prefill, decode, 1)
     with torch.no_grad():
-        hidden = hf(input_ids=torch.cat([prefill["input_ids"], decode["input_ids"]], 1),
-                    attention_mask=decode["attention_mask"],
-                    position_ids=torch.cat([prefill["position_ids"], decode["position_ids"]], 1),
-                    output_hidden_states=True).hidden_states[1][:, -n:]
         torch.testing.assert_close(out["logits"], hf.lm_head(hf.model.norm(hidden)), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["hidden_states"], hidden, atol=1e-5, rtol=1e-5)
 
