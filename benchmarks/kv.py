@@ -110,7 +110,7 @@ KVPRESS_PROMPTS = 5   # torch eager is slow here: kvpress runs on the first 5 fi
 
 PASSKEY_TOKENS = 2000
 PASSKEY_DEPTHS = 20
-PASSKEY_BATCH = 4
+PASSKEY_BATCH = 1  # a 2,000-token prefill holds [B, 2000, 49152] fp32 logits and ORT arenas keep their peak: 4 rows reached 19 GB
 PASSKEY_SPECS = [snap(0.5), WIN512]  # each costs 20 prefills of 2,000 tokens
 
 FLAT_STEPS = 4000
