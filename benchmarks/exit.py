@@ -317,7 +317,7 @@ def main() -> None:
     QUICK, REUSE, T.FRESH = args.quick, args.reuse_engines, args.fresh
     setup_threads()
     sections = Sections([s.strip() for s in args.only.split(",") if s.strip()])
-    sections.run("speculate", "self-speculation", [], speculate_section)
+    sections.run("speculate", "self-speculation", ["pipeline"], speculate_section)  # its tables name their own columns
     sections.run("early", "early exit on SmolLM2-135M-Instruct (calibrated adapters)",
                  ["pipeline", "thresholds", "agreement", "ppl", "mean depth", "decode tokens/s", "speed ratio", "note"],
                  early_section)
