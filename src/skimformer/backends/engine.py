@@ -17,6 +17,16 @@ EXAMPLES = "example_inputs.npz"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
+def folder_tokenizer(folder: Path):
+    """The tokenizer whose files lie in `folder`, or None when there are none; a damaged one
+    raises OSError or ValueError (from transformers)."""
+    if not any((Path(folder) / name).exists() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
 def _as_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
@@ -91,7 +101,9 @@ class Engine:
 
     def tokenizer(self):
         """The model's tokenizer, when the engine folder holds its files; else None."""
-        if not any((self.folder / name).exists() for name in TOKENIZER_FILES):
+        try:
+            return folder_tokenizer(self.folder)
+        except (OSError, ValueError):
             return None
         from transformers import AutoTokenizer
 

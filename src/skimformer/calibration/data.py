@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skimformer.backends.engine import TOKENIZER_FILES
+from skimformer.backends.engine import folder_tokenizer
 from skimformer.errors import UserError
 from skimformer.ir import Model, Program
 
@@ -50,15 +50,14 @@ def text_rows(model: Model, rows: int = ROWS, seq_len: int = SEQ_LEN) -> dict[st
 
 def _tokenizer(model: Model):
     folder = model.source
-    if folder is None or not any((Path(folder) / name).exists() for name in TOKENIZER_FILES):
-        raise UserError(f"the decoder folder {folder} has no tokenizer files, so calibrate cannot tokenize its "
-                        f"texts: {NPZ_HINT}")
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = folder_tokenizer(folder) if folder is not None else None
     except (OSError, ValueError) as e:
         raise UserError(f"the tokenizer in {folder} cannot be loaded ({str(e).splitlines()[0]}): {NPZ_HINT}") from None
+    if tokenizer is None:
+        raise UserError(f"the decoder folder {folder} has no tokenizer files, so calibrate cannot tokenize its "
+                        f"texts: {NPZ_HINT}")
+    return tokenizer
 
 
 def as_inputs(arrays: dict, program: Program, decoder: bool) -> Batch:
