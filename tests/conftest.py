@@ -8,6 +8,8 @@ import torch
 import transformers as tf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels run on CPU tensors under its interpreter; it must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.manual_seed(0)
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)

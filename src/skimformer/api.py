@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from skimformer.backends.build import build_engine, check_destination
-from skimformer.backends.registry import backend_module
+from skimformer.backends.registry import checked_backend
 from skimformer.backends.engine import Engine
 from skimformer.calibration import CRITERION, RANK, STEPS, TARGET_AGREEMENT, Calibration, calibrate_model
 from skimformer.ir import Model, Program, analyze, load
@@ -26,7 +26,7 @@ def _as_model(model) -> Model:
 
 
 def optimize_model(model: Model, out: str | Path, pipeline: list[Step], *, backend: str = "onnxruntime",
-                   measure: bool = False, force: bool = False, progress: Callable[[str], None] = lambda m: None,
+                   backend_options: dict | None = None, measure: bool = False, force: bool = False, progress: Callable[[str], None] = lambda m: None,
                    warn: Callable[[str], None] = lambda m: None):
     """Rewrite `model` with a parsed pipeline, build the engine folder `out`; returns (engine, report)."""
     notes = []
@@ -38,21 +38,25 @@ def optimize_model(model: Model, out: str | Path, pipeline: list[Step], *, backe
     for record in records:
         if not record.matched:
             warn(f"pass {record.name} matched nothing; the program is unchanged by it")
-    return build_engine(rewritten, model, Path(out), backend=backend, force=force, records=records,
+    return build_engine(rewritten, model, Path(out), backend=backend, backend_options=backend_options, force=force,
+                        records=records,
                         fidelity=metrics, measure=measure, notes=notes, progress=progress)
 
 
 def optimize(model, passes: str | None = None, backend: str = "onnxruntime", output: str | Path | None = None, *,
-             config: str | Path | None = None, measure: bool = False, force: bool = False) -> Engine:
+             config: str | Path | None = None, backend_options: dict | None = None, measure: bool = False,
+             force: bool = False) -> Engine:
     """Optimize a model (a path, `Model` or `Program`) and return its engine.
 
     Without `output` the engine folder goes to a new temporary folder (`engine.folder` says where).
+    `backend_options` are the backend's own (the mlir backend's `dialect`).
     """
     pipeline = pipeline_from(passes, config)
-    backend_module(backend)
+    checked_backend(backend, backend_options)
     out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="skimformer-")) / "engine"
     check_destination(out, force)
-    engine, _ = optimize_model(_as_model(model), out, pipeline, backend=backend, measure=measure, force=force)
+    engine, _ = optimize_model(_as_model(model), out, pipeline, backend=backend, backend_options=backend_options,
+                               measure=measure, force=force)
     return engine
 
 

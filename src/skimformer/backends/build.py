@@ -16,7 +16,7 @@ import torch
 
 from skimformer import __version__
 from skimformer.backends.engine import EXAMPLES, MANIFEST, Engine
-from skimformer.backends.registry import backend_module
+from skimformer.backends.registry import backend_module, checked_backend
 from skimformer.backends.report import write_reports
 from skimformer.atomic import atomic_folder
 from skimformer.errors import UserError, VerificationError
@@ -37,23 +37,28 @@ def check_destination(out: Path, force: bool) -> None:
         raise UserError(f"{out} exists and is not a folder: choose another -o folder")
 
 
-def lower_model(model: Model, folder: Path, backend: str, progress: Progress) -> dict:
+def lower_model(model: Model, folder: Path, backend: str, progress: Progress,
+                options: dict | None = None) -> dict:
     """Lower each program into `folder`; returns the manifest's `programs` section."""
     module = backend_module(backend)
     programs = {}
     for role, program in model.programs.items():
         engine_file = f"{role}{module.SUFFIX}"
         progress(f"lowering {role} to {backend}")
-        module.lower(program, folder / engine_file)
+        extra = module.lower(program, folder / engine_file, **(options or {})) or {}
         programs[role] = {"engine": engine_file, "program": program_file(role),
                           "inputs": program.input_specs(), "outputs": program.output_specs()}
+        if extra:
+            programs[role]["extra_files"] = extra
     return programs
 
 
-def _write_manifest(folder: Path, model: Model, backend: str, programs: dict) -> dict:
-    manifest = {"format": 1, "skimformer": __version__, "backend": backend, "kind": model.kind, "programs": programs,
-                "generation": model.generation,
+def _write_manifest(folder: Path, model: Model, backend: str, options: dict, programs: dict) -> dict:
+    manifest = {"format": 1, "skimformer": __version__, "backend": backend, "backend_options": options,
+                "kind": model.kind, "programs": programs, "generation": model.generation,
                 "files": {**{p["engine"]: f"{role} engine" for role, p in programs.items()},
+                          **{name: f"{role} {what}" for role, p in programs.items()
+                             for name, what in p.get("extra_files", {}).items()},
                           **{p["program"]: f"{role} program (torch.export)" for role, p in programs.items()},
                           EXAMPLES: "example inputs, keys ROLE.INPUT", "report.json": "report", "report.md": "report"}}
     for extra in model.extra_files:
@@ -111,12 +116,13 @@ def memory(model: Model, engine: Engine) -> dict:
     return {"weights_bytes": weights, "kv_cache_bytes": kv}
 
 
-def _measure(original: Model, engine: Engine, optimized: Model, backend: str, workdir: Path, progress: Progress) -> dict:
+def _measure(original: Model, engine: Engine, optimized: Model, backend: str, options: dict, workdir: Path,
+             progress: Progress) -> dict:
     progress("measuring the unoptimized engine against the optimized one")
     base_dir = workdir / "baseline"
     base_dir.mkdir()
-    programs = lower_model(original, base_dir, backend, progress)
-    baseline = Engine(base_dir, {"backend": backend, "programs": programs})
+    programs = lower_model(original, base_dir, backend, progress, options)
+    baseline = Engine(base_dir, {"backend": backend, "backend_options": options, "programs": programs})
     base_t, opt_t = time_side_by_side((baseline, original), (engine, optimized))
     shutil.rmtree(base_dir)
     total_b, total_o = sum(base_t.values()), sum(opt_t.values())
@@ -130,29 +136,33 @@ def _save_examples(model: Model, folder: Path) -> None:
     np.savez(folder / EXAMPLES, **arrays)
 
 
-def build_engine(model: Model, original: Model, out: Path, *, backend: str = "onnxruntime", force: bool = False,
-                 records=(), fidelity: dict | None = None, measure: bool = False, notes: list[str] | None = None,
+def build_engine(model: Model, original: Model, out: Path, *, backend: str = "onnxruntime",
+                 backend_options: dict | None = None, force: bool = False, records=(), fidelity: dict | None = None,
+                 measure: bool = False, notes: list[str] | None = None,
                  progress: Progress = lambda m: None) -> tuple[Engine, dict]:
     """Write the engine folder `out` and return the loaded engine and its report."""
     out = Path(out)
     check_destination(out, force)
+    options = dict(backend_options or {})
+    checked_backend(backend, options)
     with atomic_folder(out) as tmp:
-        programs = lower_model(model, tmp, backend, progress)
+        programs = lower_model(model, tmp, backend, progress, options)
         for role, program in model.programs.items():
             program.save(tmp / program_file(role))
         _save_examples(model, tmp)
         for extra in model.extra_files:
             shutil.copy2(extra, tmp / extra.name)
-        _write_manifest(tmp, model, backend, programs)
+        _write_manifest(tmp, model, backend, options, programs)
         engine = Engine.load(tmp)
         progress("checking the engine against its programs")
         check = parity(model, engine)
         if not check["ok"]:
             raise VerificationError(f"the {backend} engine differs from its program (max abs error {check['max_abs']:.3g})")
-        report = {"version": __version__, "backend": backend, "kind": model.kind,
+        report = {"version": __version__, "backend": backend, **({"backend_options": options} if options else {}),
+                  "kind": model.kind,
                   "passes": [r.to_json() for r in records], "parity": check, "fidelity": fidelity or {},
                   "memory": memory(model, engine), "notes": notes or []}
         if measure:
-            report["speed"] = _measure(original, engine, model, backend, tmp, progress)
+            report["speed"] = _measure(original, engine, model, backend, options, tmp, progress)
         write_reports(tmp, report)
     return Engine.load(out), report

@@ -105,9 +105,3 @@ class Engine:
             return folder_tokenizer(self.folder)
         except (OSError, ValueError):
             return None
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
-        except (OSError, ValueError):
-            return None

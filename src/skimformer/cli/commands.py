@@ -11,6 +11,7 @@ import numpy as np
 from skimformer import __version__
 from skimformer.api import optimize_model
 from skimformer.backends.build import check_destination
+from skimformer.backends.registry import checked_backend
 from skimformer.backends.engine import Engine
 from skimformer.backends.generation import Sampling
 from skimformer.backends.report import format_table
@@ -26,13 +27,24 @@ def _print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, default=str) + "\n")
 
 
+def _backend_options(args) -> dict:
+    if args.mlir_dialect is None:
+        return {}
+    if args.backend != "mlir":
+        raise UserError(f"--mlir-dialect is an option of --backend mlir, not of {args.backend}: drop it or add --backend mlir")
+    return {"dialect": args.mlir_dialect}
+
+
 def cmd_optimize(args) -> int:
     pipeline = pipeline_from(args.passes, args.config)  # refuse a bad pipeline before any slow work
+    options = _backend_options(args)
+    checked_backend(args.backend, options)  # a missing optional backend too
     check_destination(Path(args.output), args.force)
     progress = Progress()
     model = load(args.model)
     progress(f"loaded {args.model} ({model.kind}: {', '.join(model.programs)})")
-    engine, report = optimize_model(model, args.output, pipeline, backend=args.backend, measure=args.measure,
+    engine, report = optimize_model(model, args.output, pipeline, backend=args.backend, backend_options=options,
+                                    measure=args.measure,
                                     force=args.force, progress=progress, warn=Progress.warn)
     if args.json:
         _print_json({"output": str(engine.folder), **report})

@@ -26,6 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_optimize_args(p: argparse.ArgumentParser) -> None:
     from skimformer.backends import BACKENDS
+    from skimformer.backends.mlir_dialects import MLIR_DIALECTS
 
     p.add_argument("model", help="a .pt2 file from torch.export.save, or a decoder folder (prefill.pt2 + decode.pt2)")
     p.add_argument("-o", "--output", required=True, help="engine folder to write (refused if it exists, unless --force)")
@@ -33,6 +34,8 @@ def _add_optimize_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--passes", help='pipeline, e.g. "canonicalize-attention; tome(r=8)"')
     group.add_argument("--config", help="pipeline as a YAML file (a list under 'passes:')")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="engine to build (default: onnxruntime)")
+    p.add_argument("--mlir-dialect", choices=MLIR_DIALECTS,
+                   help="with --backend mlir: the MLIR dialect of the written text (default: linalg-on-tensors)")
     p.add_argument("--measure", action="store_true", help="also time the engine against the unoptimized engine")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")

@@ -3,7 +3,7 @@
 
 Each op has a schema and fake implementation (so programs holding it export, save and load), a
 plain-torch reference (the definition of correct, and the ATen decomposition every backend
-lowers it through), registered in `skimformer.kernels.registry`.
+lowers it through), collected in `REFERENCES`.
 """
 from __future__ import annotations
 
