@@ -160,3 +160,22 @@ def test_an_exit_after_the_last_block_leaves_with_the_full_models_output(tiny_de
     assert int(out.pop("exit_layer")) == 2
     err, ok = max_abs_error(model.programs["decode"].run(decode.example_inputs), out)
     assert ok, err
+
+
+def test_views_of_tensors_before_an_exit_are_recomputed_in_the_branches():
+    """Each layer's `cos.unsqueeze(1)` reads a tensor from before the exit: passed as two cond
+    operands they would alias one tensor, which torch.cond refuses (seen on SmolLM2, where each
+    layer after the exit takes its own view of the shared rotary tables)."""
+    from skimformer.ir.exits import cut_after
+
+    class TwoLayersOfViews(torch.nn.Module):
+        def forward(self, x, cos):
+            hidden = x * 2
+            return {"out": hidden * cos.unsqueeze(1) + hidden.sin() * cos.unsqueeze(1)}
+
+    ep = torch.export.export(TwoLayersOfViews(), (torch.randn(2, 3, 4), torch.randn(2, 4)))
+    graph = ep.graph
+    hidden = next(n for n in graph.nodes if n.target is torch.ops.aten.mul.Tensor)
+    cut = cut_after(graph, hidden, list(graph.output_node().args[0]))
+    assert [n.name for n in cut.operands] == ["cos", "mul"]
+    assert sum(n.target is torch.ops.aten.unsqueeze.default for n in cut.sizes) == 2

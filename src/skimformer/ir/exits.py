@@ -61,9 +61,10 @@ def replay(graph: fx.Graph, targets: list[fx.Node], env: dict[fx.Node, fx.Node],
 @dataclass
 class Cut:
     """What lies after `hidden` in a graph: the rest's nodes, the tensors it reads from before the
-    cut (`operands`, graph order), the sizes it reads from before the cut (`sizes`: symbolic ints
-    cannot be `torch.cond` operands, so each branch recomputes them from operands) and the graph
-    outputs it produces."""
+    cut (`operands`, graph order), what it reads from before the cut that each branch recomputes
+    from operands (`sizes`: symbolic ints, which cannot be `torch.cond` operands, and views, since
+    two operands viewing one tensor, such as each layer's `cos.unsqueeze(1)`, are aliases that
+    `torch.cond` refuses) and the graph outputs it produces."""
 
     hidden: fx.Node
     rest: set[fx.Node]
@@ -81,6 +82,10 @@ def _is_tensor(node: fx.Node) -> bool:
     return isinstance(node.meta.get("val"), torch.Tensor)
 
 
+def _is_view(node: fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload) and node.target.is_view
+
+
 def cut_after(graph: fx.Graph, hidden: fx.Node, outputs: list[fx.Node]) -> Cut:
     """The cut of `graph` after `hidden`; weights (`get_attr`) are copied, not passed."""
     rest = descendants([hidden]) - {n for n in graph.nodes if n.op == "output"}
@@ -90,7 +95,7 @@ def cut_after(graph: fx.Graph, hidden: fx.Node, outputs: list[fx.Node]) -> Cut:
         node = todo.pop()
         if node.op == "get_attr" or node in operands or node in sizes:
             continue
-        if _is_tensor(node) or node.op == "placeholder":
+        if (_is_tensor(node) and not _is_view(node)) or node.op == "placeholder":
             operands.add(node)
         else:
             sizes.add(node)
