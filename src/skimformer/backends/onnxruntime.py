@@ -45,14 +45,38 @@ def lower(program: Program, path: Path) -> None:
     ep = program.ep
     if any(str(n.target).startswith("skim.") for n in ep.graph.nodes):
         ep = ep.run_decompositions(decompositions())  # skim ops become standard ATen, then ONNX
+    export_onnx(program, ep, path)
+
+
+def export_onnx(program: Program, ep: torch.export.ExportedProgram, path: Path, translations: dict | None = None) -> None:
+    """Write `ep` (the program, or a lowered form of it) as ONNX named like the program;
+    `translations` map ops to onnxscript functions of their own (custom nodes)."""
     with _quiet():
-        onnx_program = torch.onnx.export(ep, (), dynamo=True, verbose=False)
+        onnx_program = torch.onnx.export(ep, (), dynamo=True, verbose=False, custom_translation_table=translations)
+    if translations:
+        _type_untyped_values(onnx_program.model, ep)
     outputs = onnx_program.model.graph.outputs
     inputs = set(program.input_names)
     for value, name in zip(outputs, program.output_names):
         value.name = name + SAME_AS_INPUT if name in inputs else name
     with _quiet():
         onnx_program.save(str(path))
+
+
+def _type_untyped_values(model, ep: torch.export.ExportedProgram) -> None:
+    """Give custom nodes' outputs the dtype and shape torch traced: the exporter types only
+    single outputs, and ONNX cannot infer a custom node's."""
+    import onnx_ir as ir
+    from torch.onnx._internal.exporter._core import _set_shape_type
+
+    traced = {node.name: node.meta.get("val") for module in ep.graph_module.modules()
+              if isinstance(module, torch.fx.GraphModule) for node in module.graph.nodes}
+    returned = [arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
+                for arg in ep.graph.output_node().args[0]]
+    values = [(v, traced.get(v.name)) for node in ir.traversal.RecursiveGraphIterator(model.graph) for v in node.outputs]
+    for value, val in [*zip(model.graph.outputs, returned), *values]:  # outputs are named after the program's
+        if value.dtype is None and isinstance(val, torch.Tensor):
+            _set_shape_type(value, val, complex_to_float=False)
 
 
 class Runner:
