@@ -12,22 +12,37 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 INDEX = "kernels.json"
+
+
+class AotEntry(NamedTuple):
+    """One configuration of a kernel: `triton.compile(ASTSource(fn=kernel, signature=signature,
+    constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", arch, 32), options=options)`.
+    The signature names every argument ("constexpr" for those in constexprs); attrs mark the
+    16-aligned pointers and sizes a real launch would have (Triton specializes on them)."""
+
+    name: str
+    kernel: object
+    signature: dict
+    constexprs: dict
+    options: dict
+    attrs: dict | None = None
 
 
 def _file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
 
 
-def aot_entries() -> list:
+def aot_entries() -> list[AotEntry]:
     """Every kernel configuration the skim kernel modules list."""
     from skimformer.kernels import triton_kv, triton_tokens
 
     return [*triton_tokens.AOT, *triton_kv.AOT]
 
 
-def compile_kernels(folder: str | Path, arch: int = 90, entries: list | None = None) -> list[str]:
+def compile_kernels(folder: str | Path, arch: int = 90, entries: list[AotEntry] | None = None) -> list[str]:
     """Compile every entry for sm_`arch` into `folder` (NAME.ptx, NAME.cubin and an index,
     kernels.json, with each kernel's symbol, launch options and shared memory); returns the
     files written."""
@@ -43,7 +58,7 @@ def compile_kernels(folder: str | Path, arch: int = 90, entries: list | None = N
     index, written = [], []
     for entry in aot_entries() if entries is None else entries:
         source = ASTSource(fn=entry.kernel, signature=entry.signature, constexprs=entry.constexprs,
-                           attrs=getattr(entry, "attrs", None))
+                           attrs=entry.attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(entry.options))
         stem = _file_stem(entry.name)
         (folder / f"{stem}.ptx").write_text(compiled.asm["ptx"])

@@ -37,13 +37,14 @@ the reference modules are imported: a GPU machine runs this with nothing else in
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from skimformer.kernels.aot import AotEntry
 from skimformer.kernels.evict import NEG, SPACING, TIE, TOP, kept_tokens
 from skimformer.kernels.quant import quantized_length
 
@@ -800,22 +801,7 @@ KERNELS: dict[str, Callable] = {
 }
 
 
-class AotSpec(NamedTuple):
-    """One compile configuration of a kernel, for `triton.compile(triton.compiler.ASTSource(
-    fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda",
-    90, 32), options=options)`. The signature names every argument ("constexpr" for those whose
-    values are in constexprs); attrs mark the 16-aligned pointers and sizes as a launch with these
-    shapes does (Triton specializes on them, and on sizes of 1, which are constexprs here)."""
-
-    name: str
-    kernel: object
-    signature: dict
-    constexprs: dict
-    attrs: dict
-    options: dict
-
-
-def _spec(name: str, kernel, types: dict, meta: dict, unit=(), aligned=()) -> AotSpec:
+def _spec(name: str, kernel, types: dict, meta: dict, unit=(), aligned=()) -> AotEntry:
     """`types`: the pointers' and floats' types (other arguments are i32 sizes and strides); `meta`:
     the launcher's constexprs and options; `unit`: arguments equal to 1 (contiguous last dims, one
     query); `aligned`: sizes and strides that are multiples of 16."""
@@ -826,7 +812,7 @@ def _spec(name: str, kernel, types: dict, meta: dict, unit=(), aligned=()) -> Ao
         signature[arg] = "constexpr" if arg in constexprs else types.get(arg, "i32")
         if signature[arg].startswith("*") or arg in aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    return AotSpec(name, kernel, signature, constexprs, attrs, options)
+    return AotEntry(name, kernel, signature, constexprs, options, attrs)
 
 
 _FP16_CACHE = dict(q_ptr="*fp16", k_ptr="*fp16", mask_ptr="*i64", lse_ptr="*fp32", out_ptr="*fp32", qk_scale="fp32")
@@ -834,7 +820,7 @@ _QUANT_POINTERS = dict(x_ptr="*fp16", codes_ptr="*u8", scale_ptr="*fp16", zero_p
 _CACHE_STRIDES = ("q_sb", "q_sh", "q_sn", "k_sb", "k_sh", "k_st")
 
 # Llama-style shapes: 32 query heads and 8 KV heads of 128 dims, fp16, an 8k-token cache, KIVI 4-bit, group 32
-AOT: list[AotSpec] = [
+AOT: list[AotEntry] = [
     _spec("key_norm_fp16_d128", _key_norm_kernel, dict(k_ptr="*fp16", out_ptr="*fp32"), _streaming_meta(128),
           unit=("k_sd",), aligned=("T", "k_sb", "k_sh", "k_st")),
     _spec("accumulate_fp32", _accumulate_kernel, dict(prior_ptr="*fp32", scores_ptr="*fp32", out_ptr="*fp32"),

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from skimformer.kernels.aot import AotEntry
 from skimformer.kernels import merge as merge_ref
 from skimformer.kernels import tokens as tokens_ref
 from skimformer.kernels.merge import merge_count
@@ -857,18 +858,7 @@ KERNELS: dict[str, Callable] = {
 # ahead-of-time compilation
 
 
-class AotKernel(NamedTuple):
-    """One configuration of a kernel for `triton.compile(ASTSource(fn=kernel,
-    signature=signature, constexprs=constexprs), target=..., options=options)`; `name` says
-    which. `options` holds the launch's num_warps."""
-    kernel: object
-    signature: dict
-    constexprs: dict
-    name: str
-    options: dict
-
-
-def _aot(kernel, name: str, types: str, *, num_warps: int = 4, **constexprs) -> AotKernel:
+def _aot(kernel, name: str, types: str, *, num_warps: int = 4, **constexprs) -> AotEntry:
     """Pair `types` (one per runtime argument, in order) with the kernel's argument names; the
     constexpr arguments take the values given."""
     params = list(kernel.arg_names)
@@ -879,10 +869,10 @@ def _aot(kernel, name: str, types: str, *, num_warps: int = 4, **constexprs) -> 
                          f"{runtime} / {sorted(annotations)}")
     types_by_name = dict(zip(runtime, types.split()))
     signature = {p: types_by_name.get(p, "constexpr") for p in params}
-    return AotKernel(kernel, signature, constexprs, name, {"num_warps": num_warps})
+    return AotEntry(name, kernel, signature, constexprs, {"num_warps": num_warps})
 
 
-AOT: list[AotKernel] = [
+AOT: list[AotEntry] = [
     _aot(_gather_rows_kernel, "gather_tokens: fp16 KV cache [B, H, T, 64] on dim 2",
          "*fp16 *i64 *fp16 i32 i32 i32 i32 i64", BLOCK_K=64, BLOCK_Q=64, num_warps=TILE_WARPS),
     _aot(_scatter_positions_kernel, "token_sources", "*i64 *i64 i32 i32", BLOCK=256),
