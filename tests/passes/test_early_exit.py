@@ -112,6 +112,8 @@ def test_engine_runs_the_exit_as_onnx_if_and_reports_depth(tiny_decoder, tmp_pat
     ("early-exit(at=[2])", "exits go after blocks 0..1"),
     ("early-exit(at=[0], criterion=odds)", "criterion must be one of"),
     ("early-exit(at=[0], threshold=1.5)", "threshold is a confidence"),
+    ("kv-quant(bits=4); early-exit(at=[0])", "cannot follow kv-quant"),
+    ("early-exit(at=[0]); kv-window(sink=2, window=6)", "put kv-window before the exit pass"),
 ])
 def test_bad_configurations_are_refused(tiny_decoder, spec, message):
     with pytest.raises(UserError, match=message):

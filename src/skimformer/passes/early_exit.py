@@ -113,6 +113,11 @@ def add_exits(program: Program, plan: ExitPlan) -> Program:
     module = program.ep.module()
     graph = module.graph
     blocks = find_blocks(graph, find_attention(graph), set())
+    quantized = [n for n in graph.nodes if n.target is torch.ops.skim.quant_attention.default]
+    if quantized and not blocks:
+        raise UserError(f"{NAME} cannot follow kv-quant: the quantized cache's attention is one skim op whose "
+                        "blocks exits cannot cut, and the skipped layers' cache entries would have to be quantized "
+                        f"in the exit branch; use {NAME} without kv-quant (kv-window and kv-evict keep attention)")
     if any(a >= len(blocks) for a in plan.at):
         raise UserError(f"{NAME}: at={plan.at}, but the model has {len(blocks)} blocks: exits go after blocks "
                         f"0..{len(blocks) - 1}")

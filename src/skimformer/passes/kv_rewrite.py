@@ -67,6 +67,9 @@ def cache_layers(module: fx.GraphModule, pass_name: str) -> list[CacheLayer]:
         if value is None:
             raise UserError(f"{pass_name}: the program returns present_key_{i} without present_value_{i}")
         site = next((s for s in sites if reaches(s.k, key) and reaches(s.v, value)), None)
+        if site is None and any(n.target is torch.ops.higher_order.cond for n in module.graph.nodes):
+            raise UserError(f"{pass_name}: layer {i}'s attention lies inside an exit's torch.cond (early-exit or "
+                            f"self-speculate ran first): put {pass_name} before the exit pass in the pipeline")
         if site is None:
             raise UserError(f"{pass_name}: no attention reads the cache of layer {i} (present_key_{i}) as it is "
                             "written; export the model with `skimformer export`")
