@@ -12,6 +12,7 @@ import torch
 
 from skimformer import UserError, load, optimize
 from skimformer.backends import tensorrt
+from skimformer.ir.graph import program_graphs
 from skimformer.passes import PassManager, pipeline_from
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
@@ -25,8 +26,7 @@ def _rewritten(path, spec: str):
 
 def _skim_calls(program) -> list[str]:
     """Names of the skim ops the program calls, subgraphs (torch.cond branches) included."""
-    return sorted(n.target._schema.name.split("::")[1] for m in program.ep.graph_module.modules()
-                  if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes
+    return sorted(n.target._schema.name.split("::")[1] for graph in program_graphs(program.ep) for n in graph.nodes
                   if n.op == "call_function" and str(n.target).startswith("skim."))
 
 

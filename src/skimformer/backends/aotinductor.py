@@ -24,11 +24,7 @@ are one C++ file, compiled without inductor's worker pool) made no measurable di
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +32,9 @@ import torch
 from torch.utils import _pytree as pytree
 
 from skimformer.errors import UserError
+from skimformer.backends.quiet import quiet
 from skimformer.ir import Program
+from skimformer.ir.graph import holds_skim_ops, program_graphs
 from skimformer.kernels import decompositions
 
 NAME = "aotinductor"
@@ -63,32 +61,16 @@ def require(**options) -> None:
                         "(e.g. apt-get install g++) or set CXX to one") from None
 
 
-@contextlib.contextmanager
 def _quiet():
-    """Inductor logs and warns while it lowers and compiles; skimformer's progress goes to stderr."""
-    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
-def _graphs(ep: torch.export.ExportedProgram):
-    """The program's graph and those of its submodules (the branches of a torch.cond)."""
-    return [m.graph for m in ep.graph_module.modules() if isinstance(m, torch.fx.GraphModule)]
+    """Inductor logs and warns while it lowers and compiles."""
+    return quiet(QUIET_LOGGERS)
 
 
 def _constructs(program: Program) -> str:
     """What in the program a failed compile may be about: its control flow, its skim ops, and the
     passes that inserted them (nodes carry `meta["skim"]`)."""
     found, passes = set(), set()
-    for graph in _graphs(program.ep):
+    for graph in program_graphs(program.ep):
         for node in graph.nodes:
             if node.op != "call_function":
                 continue
@@ -109,7 +91,7 @@ def _compilable(program: Program) -> torch.export.ExportedProgram:
     branches), holding the example inputs AOTInductor traces with: the program's own, also set on
     its ExportedProgram when there is nothing to decompose."""
     ep = program.ep
-    if any(str(n.target).startswith("skim.") for graph in _graphs(ep) for n in graph.nodes):
+    if holds_skim_ops(ep):
         ep = ep.run_decompositions(decompositions())
     flat = [program.example_inputs[name] for name in program.input_names]
     ep.example_inputs = pytree.tree_unflatten(flat, ep.call_spec.in_spec)

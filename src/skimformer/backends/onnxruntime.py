@@ -5,16 +5,14 @@ program's output names (`logits`, `present_key_0`, ...) so engines are driven by
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from skimformer.backends.quiet import quiet
 from skimformer.ir import Program
+from skimformer.ir.graph import holds_skim_ops
 from skimformer.kernels import decompositions
 
 NAME = "onnxruntime"
@@ -24,26 +22,14 @@ SUFFIX = ".onnx"
 SAME_AS_INPUT = ":output"
 
 
-@contextlib.contextmanager
 def _quiet():
-    """The exporter prints progress and registry warnings of its own; ours goes to stderr."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    return quiet(("torch.onnx", "onnxscript", "torch.export"))
 
 
 def lower(program: Program, path: Path) -> None:
     """Write `program` as an ONNX model at `path`."""
     ep = program.ep
-    if any(str(n.target).startswith("skim.") for n in ep.graph.nodes):
+    if holds_skim_ops(ep):
         ep = ep.run_decompositions(decompositions())  # skim ops become standard ATen, then ONNX
     export_onnx(program, ep, path)
 

@@ -82,3 +82,13 @@ def descendants(nodes: Iterable[fx.Node]) -> set[fx.Node]:
 def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
     """Every node that `nodes` read, directly or not."""
     return _reach(nodes, lambda n: n.all_input_nodes)
+
+
+def program_graphs(ep: torch.export.ExportedProgram) -> list[fx.Graph]:
+    """The program's graph and those of its submodules (the branches of a torch.cond)."""
+    return [m.graph for m in ep.graph_module.modules() if isinstance(m, fx.GraphModule)]
+
+
+def holds_skim_ops(ep: torch.export.ExportedProgram) -> bool:
+    """Whether any graph of the program, cond branches included, calls a `skim` op."""
+    return any(str(n.target).startswith("skim.") for graph in program_graphs(ep) for n in graph.nodes)
