@@ -40,6 +40,9 @@ if "--interpret-smoke" in sys.argv:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import print_table  # noqa: E402  (stdlib and torch only, like this file)
+
 LAUNCHER_MODULES = ("skimformer.kernels.triton_kv", "skimformer.kernels.triton_tokens")
 PEAK_GBS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0))  # first match of the device name
 TARGET_PEAK_FRACTION = 0.7
@@ -279,14 +282,6 @@ def print_notes(notes: list[str], refs: dict, kernels: dict) -> None:
     skipped = sorted(name.removeprefix("skim::") for name in set(refs) - set(kernels))
     for note in notes + ([f"skipped (no Triton launcher): {', '.join(skipped)}"] if skipped else []):
         print(note)
-
-
-def print_table(rows: list[dict], columns: list[str]) -> None:
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns))
-    print("  ".join("-" * widths[c] for c in columns))
-    for row in rows:
-        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
 
 
 def all_cases(sizes: Sizes, device) -> list[Case]:
