@@ -11,9 +11,11 @@ import warnings
 from dataclasses import dataclass
 
 import networkx as nx
+import torch
 import torch.fx as fx
 
-from skimformer.ir.attention import AttentionSite
+from skimformer.errors import UserError
+from skimformer.ir.attention import AttentionSite, find_attention
 from skimformer.ir.graph import module_stack, op_name, shape, tensor_value, to_networkx
 from skimformer.ir.token_axis import Axis, propagate
 
@@ -169,3 +171,16 @@ def residual_midpoint(block: Block) -> fx.Node | None:
         if not nx.has_path(cut, site.output, block.output):
             return node
     return None
+
+
+def blocks_to_rewrite(graph: fx.Graph, pass_name: str, role: str, advice: str) -> list[Block]:
+    """The graph's blocks, for a pass that rewrites some of them; refused with the reason when
+    there are none. After kv-quant that is expected: its attention is one `skim::quant_attention`
+    op, not attention structure analysis can read; `advice` says what the user can do then."""
+    blocks = find_blocks(graph, find_attention(graph), set())
+    if blocks:
+        return blocks
+    if any(n.target is torch.ops.skim.quant_attention.default for n in graph.nodes):
+        raise UserError(f"{pass_name} cannot follow kv-quant: its quantized attention is one skim op in which "
+                        f"{pass_name} finds no blocks to rewrite; {advice}")
+    raise UserError(f"{pass_name}: found no attention it knows in the {role} program, hence no blocks to rewrite")

@@ -12,7 +12,7 @@ from typing import Callable
 
 from skimformer.errors import UserError
 from skimformer.ir.attention import find_attention
-from skimformer.ir.blocks import Block, find_blocks
+from skimformer.ir.blocks import Block, blocks_to_rewrite, find_blocks
 from skimformer.ir.program import Program
 from skimformer.ir.rewrite import eliminate_dead_code, reexport
 from skimformer.ir.structure import analyze
@@ -42,10 +42,8 @@ def rewrite_blocks(program: Program, name: str, layers: list[int], edit: Edit) -
     `{layers, blocks_before, blocks_after, flops}`; `layers=[]` returns the program unchanged."""
     module = program.ep.module()
     graph = module.graph
-    blocks = find_blocks(graph, find_attention(graph), set())
-    if layers and not blocks:
-        raise UserError(f"{name}: found no attention it knows in the {program.role} program, hence no blocks; "
-                        f"apply {name} before passes that replace attention with skim ops (kv-quant)")
+    blocks = (blocks_to_rewrite(graph, name, program.role, f"apply {name} before kv-quant") if layers
+              else find_blocks(graph, find_attention(graph), set()))
     if any(i >= len(blocks) for i in layers):
         raise UserError(f"{name}(layers={layers}): the {program.role} program has {len(blocks)} blocks "
                         f"(0-based indices up to {len(blocks) - 1})")

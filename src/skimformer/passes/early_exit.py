@@ -29,8 +29,7 @@ import torch.fx as fx
 
 from skimformer.errors import UserError
 from skimformer.ir import Model, Program
-from skimformer.ir.attention import find_attention
-from skimformer.ir.blocks import find_blocks
+from skimformer.ir.blocks import blocks_to_rewrite
 from skimformer.ir.exit_heads import ExitHeads
 from skimformer.ir.exits import ExitPoint, adapter_input, insert_exits
 from skimformer.ir.rewrite import eliminate_dead_code, reexport
@@ -112,12 +111,8 @@ def add_exits(program: Program, plan: ExitPlan) -> Program:
     """`program` with conditional exits after the blocks in `plan.at` and an `exit_layer` output."""
     module = program.ep.module()
     graph = module.graph
-    blocks = find_blocks(graph, find_attention(graph), set())
-    quantized = [n for n in graph.nodes if n.target is torch.ops.skim.quant_attention.default]
-    if quantized and not blocks:
-        raise UserError(f"{NAME} cannot follow kv-quant: the quantized cache's attention is one skim op whose "
-                        "blocks exits cannot cut, and the skipped layers' cache entries would have to be quantized "
-                        f"in the exit branch; use {NAME} without kv-quant (kv-window and kv-evict keep attention)")
+    blocks = blocks_to_rewrite(graph, NAME, program.role,
+                               f"use {NAME} without kv-quant (kv-window and kv-evict keep attention)")
     if any(a >= len(blocks) for a in plan.at):
         raise UserError(f"{NAME}: at={plan.at}, but the model has {len(blocks)} blocks: exits go after blocks "
                         f"0..{len(blocks) - 1}")
