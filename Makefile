@@ -30,11 +30,15 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m skimformer.demo $(DEMO)
 
+# Two pytest workers, one thread each: most of the suite is single-threaded export and compilation,
+# so two processes use both cores where one with two threads left one idle (about 7.5 against 14 min).
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/pytest -q -ra -n 2
+
 test: $(STAMP)
-	$(BIN)/pytest -q -ra tests
+	$(PYTEST) tests
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -ra -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/baseline.py
