@@ -18,10 +18,7 @@ from skimformer.backends.generation import generate
 from skimformer.backends.registry import checked_backend
 from skimformer.cli.main import main
 from skimformer.ir import Program
-from skimformer.passes import PassManager, pipeline_from
-from skimformer.passes.early_exit import confidence
-from skimformer.zoo import build_model
-from tests.decoding import hidden_after, torch_runner
+from tests.decoding import assert_runs_both_branches_like, exit_decode_taking_both_branches, torch_runner
 
 KV_QUANT = "kv-quant(bits=4, group=4, residual=4)"  # quantizes the zoo's 16-token prompts at once
 NO_COMPILER = {"cpp.cxx": (None, "/nonexistent/g++")}  # inductor's compiler search finds nothing
@@ -158,42 +155,11 @@ def test_a_package_runs_with_torch_alone(quantized_decoder, tmp_path):
     assert "import of skimformer halted" in blocked.stderr  # the block above is real
 
 
-def _decode_feeds(tiny_decoder, lengths) -> list[dict]:
-    """One-row decode steps of `n` random tokens after the first prefill example's 16-token cache."""
-    example = load(tiny_decoder).programs["decode"].example_inputs
-    past = example["past_key_0"].shape[2]
-    g = torch.Generator().manual_seed(0)
-    return [{**{k: v[:1] for k, v in example.items() if k.startswith("past_")},
-             "input_ids": torch.randint(3, 300, (1, n), generator=g),
-             "attention_mask": torch.ones(1, past + n, dtype=torch.long),
-             "position_ids": torch.arange(past, past + n)[None]} for n in lengths]
-
-
-def _exit_confidences(tiny_decoder, feeds: list[dict]) -> list[float]:
-    """The max-prob confidence of the head applied after block 0 at each decode feed, from the
-    transformers model (what the exit's torch.cond compares with the threshold)."""
-    hf = build_model("llama")
-    prefill = {k: v[:1] for k, v in load(tiny_decoder).programs["prefill"].example_inputs.items()}
-    with torch.no_grad():
-        return [float(confidence(hf.lm_head(hf.model.norm(hidden_after(hf, prefill, feed, 1))), "max-prob")[0])
-                for feed in feeds]
-
-
 @pytest.mark.slow
 @needs_compiler
 def test_an_exit_compiles_to_control_flow_that_takes_both_branches(tiny_decoder, tmp_path):
-    feeds = _decode_feeds(tiny_decoder, (1, 1, 2, 3, 1, 2))
-    threshold = float(np.median(_exit_confidences(tiny_decoder, feeds)))
-    model = PassManager(pipeline_from(f"early-exit(at=[0], threshold={threshold})")).run(load(tiny_decoder))[0]
-    decode = model.programs["decode"]
+    decode, feeds = exit_decode_taking_both_branches(tiny_decoder)
     aotinductor.lower(decode, tmp_path / "decode.aoti.pt2")
     runner = aotinductor.Runner(tmp_path / "decode.aoti.pt2")
     assert runner.output_names == decode.output_names and "exit_layer" in runner.output_names
-    depths = []
-    for feed in feeds:
-        want = decode.run(feed)
-        got = runner.run({k: v.numpy() for k, v in feed.items()})
-        for name, value in want.items():
-            np.testing.assert_allclose(got[name], value.numpy(), atol=1e-4, err_msg=name)
-        depths.append(int(got["exit_layer"]))
-    assert sorted(set(depths)) == [1, 2], depths  # left after block 0 on some steps, ran both blocks on others
+    assert_runs_both_branches_like(runner.run, decode, feeds)

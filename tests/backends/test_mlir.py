@@ -7,14 +7,16 @@ from importlib.util import find_spec
 import numpy as np
 import pytest
 import torch
+from torch._higher_order_ops.map import map as torch_map
 
 from skimformer import Engine, UserError, load, optimize
 from skimformer.backends import mlir
 from skimformer.backends.generation import generate
 from skimformer.backends.registry import checked_backend
 from skimformer.cli.main import main
+from skimformer.ir import Program
 from skimformer.passes import PassManager, pipeline_from
-from tests.decoding import torch_runner
+from tests.decoding import assert_runs_both_branches_like, exit_decode_taking_both_branches, torch_runner
 
 toolchain = pytest.mark.skipif(find_spec("torch_mlir") is None or find_spec("iree") is None,
                                reason="torch-mlir and IREE are not installed (pip install 'skimformer[mlir]')")
@@ -62,20 +64,51 @@ def test_stablehlo_refuses_dynamic_shapes_and_writes_nothing(exported, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+class _Mapped(torch.nn.Module):
+    def forward(self, x):
+        return {"y": torch_map(lambda row: row * 2, x)}
+
+
 @toolchain
-def test_an_exit_pass_is_refused_by_name(tiny_decoder, tmp_path):
-    model, _, _ = PassManager(pipeline_from("early-exit(at=[0], threshold=0.5)")).run(load(tiny_decoder))
-    with pytest.raises(UserError, match=r"cannot lower cond \(inserted by the early-exit pass\) in the decode program.*"
-                                        r"drop early-exit, or build with --backend onnxruntime"):
+def test_a_higher_order_op_without_an_import_is_refused_by_name(tmp_path):
+    ep = torch.export.export(_Mapped(), (torch.randn(3, 4),))
+    with pytest.raises(UserError, match=r"cannot lower map_impl in the model program, because torch-mlir does not "
+                                        r"import it: build with --backend onnxruntime"):
+        mlir.lower(Program(ep), tmp_path / "model.vmfb")
+    assert list(tmp_path.iterdir()) == []
+
+
+@toolchain
+def test_a_cache_selection_inside_an_exit_branch_is_refused(tiny_decoder, tmp_path):
+    spec = "kv-evict(policy=h2o, budget=6); early-exit(at=[0], threshold=0.9)"
+    model, _, _ = PassManager(pipeline_from(spec)).run(load(tiny_decoder))
+    with pytest.raises(UserError, match=r"decode program selects cache tokens \(kv-evict\) inside an exit pass's branch"
+                                        r".*--backend onnxruntime, or drop one of the passes"):
         mlir.lower(model.programs["decode"], tmp_path / "decode.vmfb")
     assert list(tmp_path.iterdir()) == []
 
 
 @toolchain
-def test_kv_evict_is_refused_rather_than_miscompiled(tiny_decoder, tmp_path):
-    model, _, _ = PassManager(pipeline_from("kv-evict(policy=h2o, budget=6)")).run(load(tiny_decoder))
-    with pytest.raises(UserError, match=r"sorts several tensors of one shape.*iree-org/iree#24665.*--backend onnxruntime"):
-        mlir.lower(model.programs["prefill"], tmp_path / "prefill.vmfb", dialect="torch")
+@pytest.mark.slow
+def test_an_exit_lowers_to_a_branch_that_runs_either_way(tiny_decoder, tmp_path):
+    """torch.cond becomes scf.if (linalg-on-tensors): each step runs one branch, as the program does."""
+    decode, feeds = exit_decode_taking_both_branches(tiny_decoder)
+    mlir.lower(decode, tmp_path / "decode.vmfb")
+    assert "scf.if" in (tmp_path / "decode.mlir").read_text()
+    assert_runs_both_branches_like(mlir.Runner(tmp_path / "decode.vmfb").run, decode, feeds)
+
+
+@toolchain
+@pytest.mark.slow
+def test_kv_evict_generates_like_its_programs(tiny_decoder, tmp_path):
+    """Sort-free selection (IREE miscompiles one sort per layer): H2O evicts at every step past 6 tokens."""
+    out = tmp_path / "eng"
+    engine = optimize(tiny_decoder, "kv-evict(policy=h2o, budget=6)", backend="mlir", output=out)
+    assert json.loads((out / "report.json").read_text())["parity"]["ok"]
+    assert "sort" not in (out / "prefill.mlir").read_text()
+    prompt = np.array([[5, 9, 14, 7, 3, 11, 20, 4, 8, 2]])
+    want = generate(torch_runner(load(out)), prompt, 6).ids
+    assert engine.generate(prompt, max_new_tokens=6).tolist() == want.tolist()
 
 
 @toolchain

@@ -7,7 +7,7 @@ import torch
 
 from skimformer import UserError, load, optimize
 from skimformer.kernels.evict import (kv_accumulate_ref, kv_attention_scores_ref, kv_gather_ref,
-                                      kv_key_norm_scores_ref, kv_select_ref)
+                                      kv_key_norm_scores_ref, kv_select_by_counting, kv_select_ref)
 from skimformer.passes import PassManager, pipeline_from
 from skimformer.passes.manager import max_abs_error
 
@@ -50,6 +50,19 @@ def test_select_per_head_top_k_window_and_padding():
     # Exact ties (a repeated token's key norm) break by position, the same in every engine.
     ties = torch.tensor([[[2., 2., 2., 1.]]])
     assert kv_select_ref(ties, torch.ones(1, 4), 0.0, 2, 0).tolist() == [[[1, 2]]]
+
+
+def test_the_sort_free_selection_equals_the_reference():
+    """The mlir backend's decomposition of kv_select: same indices, padding, ties, k = 1 and all."""
+    g = torch.Generator().manual_seed(0)
+    for b, h, t in [(1, 1, 1), (2, 3, 17), (3, 2, 40)]:
+        scores = torch.rand(b, h, t, generator=g)
+        scores[..., 1::3] = scores[..., :1]  # exact ties
+        mask = torch.ones(b, t, dtype=torch.long)
+        mask[-1, :t // 3] = 0
+        for keep, budget, window in [(0.5, 0, 2), (0.0, 1, 0), (0.0, 4, 1), (0.0, 100, 0), (1.0, 0, 3)]:
+            want = kv_select_ref(scores, mask, keep, budget, window)
+            assert torch.equal(kv_select_by_counting(scores, mask, keep, budget, window), want), (b, h, t, keep, budget)
 
 
 def test_attention_scores_are_the_window_rows_of_masked_attention():

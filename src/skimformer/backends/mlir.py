@@ -17,9 +17,14 @@ rather than built wrong:
   reshapes, so a program with dynamic inputs is refused before import; and IREE rejects the
   top-k that torch-mlir writes (int64 indices where it infers int32), so token passes fail to
   compile there (a UserError that names another dialect).
-- `torch.cond` (the early-exit pass): torch-mlir's importer has no import for it.
+- `torch.cond` (the exit passes): imported as `torch.prim.If` by `mlir_cond`, which torch-mlir's
+  importer lacks; other higher-order ops it cannot import are refused by name.
+- A KV pass's cache selection inside an exit pass's branch (`kv-window` or `kv-evict`, then an
+  exit pass): IREE 3.13 returns wrong selected keys from the branch that runs every block (values
+  and logits right), in both dialects; refused (`_refuse_cache_selection_in_branches`).
 - IREE's sort is fragile on the CPU: the decomposed graph is repaired where that is exact (see
-  `_decomposed`), and a program with several sorts of one shape (kv-evict) is refused.
+  `_decomposed`), kv-evict's selection is decomposed without a sort (`SORT_FREE`), and a program
+  that still sorts several tensors of one shape is refused (iree-org/iree#24665).
 f64 stays f64: IREE demotes it to f32 by default, which changes what a program computes (the
 references rank in f64 to break ties exactly).
 """
@@ -35,10 +40,13 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import OutputKind, OutputSpec, TensorArgument
 
+from skimformer.backends.mlir_cond import install_cond_import, select_constant_results
 from skimformer.backends.mlir_dialects import DEFAULT_DIALECT, MLIR_DIALECTS
 from skimformer.errors import UserError
 from skimformer.ir import Program
+from skimformer.ir.graph import program_graphs
 from skimformer.kernels import decompositions
+from skimformer.kernels.evict import kv_select_by_counting
 
 NAME = "mlir"
 SUFFIX = ".vmfb"
@@ -51,11 +59,14 @@ IREE_INPUT = {"torch": "torch", "linalg-on-tensors": "auto", "stablehlo": "stabl
 IREE_FLAGS = ["--iree-llvmcpu-target-cpu=host", "--iree-input-demote-f64-to-f32=false",
               "--iree-vm-target-extension-f64"]
 KEPT_WHOLE = (torch.ops.aten.linear.default, torch.ops.aten.matmul.default)  # linalg-on-tensors, above
-CONTROL_FLOW_PASSES = {"cond": "early-exit"}  # the pass that inserts each higher-order op
 # Python functions on symbolic sizes that the importer does not take, and the ops it does.
 SYMBOLIC_SIZE_OPS = {torch.sym_max: torch.ops.prim.max.int, torch.sym_min: torch.ops.prim.min.int}
+# Cache selections that IREE gets wrong inside a branch (module docstring), by the pass inserting each.
+SELECTIONS = {torch.ops.skim.kv_gather.default: "kv-evict", torch.ops.skim.window_tokens.default: "kv-window"}
 SORTS = (torch.ops.aten.sort.default, torch.ops.aten.sort.stable, torch.ops.aten.topk.default)
 ARANGES = (torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step)
+# Skim ops decomposed here without a sort: one per layer of one shape trips iree-org/iree#24665.
+SORT_FREE = {torch.ops.skim.kv_select.default: kv_select_by_counting}
 MESSAGE_CHARS = 300  # of a tool's diagnostic quoted in an error
 
 
@@ -83,6 +94,7 @@ def lower(program: Program, path: Path, dialect: str = DEFAULT_DIALECT) -> dict[
     if dialect == "stablehlo" and _has_dynamic_inputs(program):
         raise UserError(f"the {role} program has dynamic shapes and IREE compiles StableHLO with static shapes only: "
                         "choose --mlir-dialect torch or linalg-on-tensors, or export the model with --static")
+    _refuse_cache_selection_in_branches(program, role)
     ep = _decomposed(program)
     _refuse_control_flow(ep, role)
     _refuse_sorts_of_one_shape(ep, role)
@@ -105,26 +117,55 @@ def _has_dynamic_inputs(program: Program) -> bool:
 
 
 def _decomposed(program: Program) -> ExportedProgram:
-    """The program in the ATen ops torch-mlir takes (skim ops as their references, torch-mlir's
-    own decompositions but `KEPT_WHOLE`), with the repairs below applied to its graph."""
+    """The program in the ATen ops torch-mlir takes (skim ops as their references or `SORT_FREE`,
+    torch-mlir's own decompositions but `KEPT_WHOLE`), with the repairs below applied to its graph
+    and to the graphs of its branches (the exit passes' `torch.cond`)."""
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
 
     table = {op: fn for op, fn in get_decomposition_table().items() if op not in KEPT_WHOLE}
-    ep = program.ep.run_decompositions({**table, **decompositions()})
-    graph, unused = ep.graph, []
+    ep = program.ep.run_decompositions({**table, **decompositions(), **SORT_FREE})
+    unused = []
+    for module in ep.graph_module.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            found = _repaired(module.graph)
+            if module is ep.graph_module:  # a branch keeps its unused results (none in skim's passes)
+                unused = found
+            module.recompile()
+    if unused:
+        _return_too(ep, unused)
+    select_constant_results(ep)
+    return ep
+
+
+def _repaired(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    """Apply the repairs to one graph; the sorts' unused results, which only the program's own
+    graph can return."""
+    unused = []
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
         if node.target in SYMBOLIC_SIZE_OPS:
             node.target = SYMBOLIC_SIZE_OPS[node.target]
+        elif node.target is torch.sym_sum:
+            _add_in_pairs(graph, node)
         elif node.target in ARANGES and node.meta["val"].dtype.is_floating_point:
             _count_in_integers(graph, node)
         elif node.target in SORTS:
             _sort_a_copy(graph, node)
             unused += _unused_results(graph, node)
-    if unused:
-        _return_too(ep, unused)
-    return ep
+    return unused
+
+
+def _add_in_pairs(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    """`sym_sum([a, b, ...])` (which the importer does not take) as `a + b + ...`."""
+    values = [t.meta["val"] if isinstance(t, torch.fx.Node) else t for t in node.args[0]]
+    total = node.args[0][0]
+    with graph.inserting_before(node):
+        for count, term in enumerate(node.args[0][1:], start=2):
+            total = graph.call_function(operator.add, (total, term))
+            total.meta["val"] = sum(values[:count])
+    node.replace_all_uses_with(total)
+    graph.erase_node(node)
 
 
 def _count_in_integers(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
@@ -190,30 +231,34 @@ def _return_too(ep: ExportedProgram, extra: list[torch.fx.Node]) -> None:
 
 def _refuse_sorts_of_one_shape(ep: ExportedProgram, role: str) -> None:
     """IREE 3.13 gives two sorts (or top-ks) of one shape in a module one index buffer, and one of
-    them returns wrong indices (iree-org/iree#24665): kv-evict selects tokens that way in every
-    layer. Refused rather than built wrong."""
+    them returns wrong indices (iree-org/iree#24665). Refused rather than built wrong."""
     shapes = [str(tuple(node.args[0].meta["val"].shape)) for node in ep.graph.nodes
               if node.op == "call_function" and node.target in SORTS]
     if len(shapes) != len(set(shapes)):
-        raise UserError(f"the {role} program sorts several tensors of one shape (kv-evict selects tokens so in "
-                        "every layer), which IREE 3.13 miscompiles (iree-org/iree#24665): "
-                        "build with --backend onnxruntime")
+        raise UserError(f"the {role} program sorts several tensors of one shape, which IREE 3.13 miscompiles "
+                        "(iree-org/iree#24665): build with --backend onnxruntime")
+
+
+def _refuse_cache_selection_in_branches(program: Program, role: str) -> None:
+    branches = [graph for graph in program_graphs(program.ep) if graph is not program.ep.graph]
+    passes = sorted({SELECTIONS[n.target] for graph in branches for n in graph.nodes if n.target in SELECTIONS})
+    if passes:
+        raise UserError(f"the {role} program selects cache tokens ({', '.join(passes)}) inside an exit pass's branch, "
+                        "which IREE 3.13 computes wrong: build with --backend onnxruntime, or drop one of the passes")
 
 
 def _refuse_control_flow(ep: ExportedProgram, role: str) -> None:
-    """Higher-order ops (torch.cond, ...) that the importer cannot take, refused by name. It
-    dispatches each to a method `_import_hop_NAME`, and without one it fails."""
+    """Higher-order ops that the importer cannot take, refused by name. It dispatches each to a
+    method `_import_hop_NAME` (`cond`'s is ours), and without one it fails."""
     from torch_mlir.extras.fx_importer import GraphNodeImporter
 
+    install_cond_import()
     for node in ep.graph.nodes:
         target = node.target
         if node.op == "call_function" and isinstance(target, torch._ops.HigherOrderOperator) \
                 and not hasattr(GraphNodeImporter, f"_import_hop_{target.name()}"):
-            by = CONTROL_FLOW_PASSES.get(target.name())
-            what = f"{target.name()} (inserted by the {by} pass)" if by else target.name()
-            instead = f"drop {by}, or build with --backend onnxruntime" if by else "build with --backend onnxruntime"
-            raise UserError(f"the mlir backend cannot lower {what} in the {role} program, "
-                            f"because torch-mlir does not import it: {instead}")
+            raise UserError(f"the mlir backend cannot lower {target.name()} in the {role} program, "
+                            "because torch-mlir does not import it: build with --backend onnxruntime")
 
 
 def _import(ep: ExportedProgram, role: str, dialect: str):

@@ -84,14 +84,43 @@ def kv_select_ref(scores: Tensor, mask: Tensor, keep: float, budget: int, window
     head of a row keeps the same padding slots; with the indices sorted they come first in every
     head (decoders pad on the left), and one `[B, K]` mask is right for all heads.
     """
+    rank = _selection_rank(scores, mask, window)
+    idx = torch.topk(rank, kept_tokens(scores.shape[-1], keep, budget), dim=-1).indices
+    return torch.sort(idx, dim=-1).values
+
+
+def kv_select_by_counting(scores: Tensor, mask: Tensor, keep: float, budget: int, window: int) -> Tensor:
+    """`kv_select_ref` without a sort, for compilers whose sort is unreliable (IREE's, see the
+    mlir backend). The ranks are distinct, so a token is kept when fewer than K tokens outrank it,
+    and the j-th kept index is the number of tokens before the (j+1)-th kept one. Exact, at
+    O(T^2) comparisons per head instead of a sort's O(T log T). Both counts compare `[T, T]`
+    (then keep the first K) so that no size is the symbolic K against T, which IREE cannot bound."""
+    t = scores.shape[-1]
+    rank = _selection_rank(scores, mask, window)
+    outranked_by = _count_true(rank[..., None, :] > rank[..., :, None])  # [B, H, T]
+    kept_so_far = torch.cumsum((outranked_by < kept_tokens(t, keep, budget)).long(), dim=-1)
+    slots = torch.arange(t, device=scores.device)
+    first_after = _count_true(kept_so_far[..., None, :] <= slots[:, None])  # j -> index of kept token j+1
+    return first_after[..., :kept_tokens(t, keep, budget)]
+
+
+def _count_true(matrix: Tensor) -> Tensor:
+    """True entries along the last axis of a boolean `[..., T, T]`, as a product with ones: IREE
+    3.13's CPU code generator fails on the same sum written as a reduction when T is dynamic
+    (a stack allocation it cannot bound). float32 counts exactly up to 2**24 tokens."""
+    ones = torch.ones(matrix.shape[-1], 1, device=matrix.device)
+    return (matrix.to(torch.float32) @ ones).squeeze(-1).long()
+
+
+def _selection_rank(scores: Tensor, mask: Tensor, window: int) -> Tensor:
+    """`[B, H_kv, T]` float64 ranks, distinct (module constants): recent real tokens, then real
+    tokens by score, then padding."""
     t = scores.shape[-1]
     pos = torch.arange(t, device=scores.device, dtype=torch.float64)
     real = mask.bool()[:, None, :]
     recent = pos >= t - window
     rank = torch.where(real, scores.double() * (1 + pos * TIE), -TOP + pos * SPACING)
-    rank = torch.where(real & recent, TOP + pos * SPACING, rank)
-    idx = torch.topk(rank, kept_tokens(t, keep, budget), dim=-1).indices
-    return torch.sort(idx, dim=-1).values
+    return torch.where(real & recent, TOP + pos * SPACING, rank)
 
 
 def kv_gather_ref(x: Tensor, idx: Tensor) -> Tensor:
