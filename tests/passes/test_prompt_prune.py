@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import transformers as tf
@@ -160,6 +161,9 @@ def test_gpt2_early_cache_is_the_original_one_gathered(pruned):
 def test_engine_generates_a_left_padded_batch_on_the_shorter_cache(pruned, decoders, tmp_path):
     engine = optimize(pruned("llama", False, "prompt-prune(layer=0, keep=0.5)")[1], output=tmp_path / "eng")
     assert json.loads((tmp_path / "eng" / "report.json").read_text())["parity"]["ok"]
+    # tokens (and the restored logits) are gathered by rows, with no index expanded to the logits' size
+    ops = {n.op_type for n in onnx.load(tmp_path / "eng" / "prefill.onnx", load_external_data=False).graph.node}
+    assert "GatherND" in ops and "GatherElements" not in ops
     ids = np.array([[0, 0, 0, 0, 0, 0, 0, 0, 5, 9, 14, 7], [7, 3, 11, 20, 4, 8, 6, 9, 10, 12, 13, 15]])
     mask = np.array([[0] * 8 + [1] * 4, [1] * 12])
     pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)

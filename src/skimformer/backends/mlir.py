@@ -23,8 +23,8 @@ rather than built wrong:
   exit pass): IREE 3.13 returns wrong selected keys from the branch that runs every block (values
   and logits right), in both dialects; refused (`_refuse_cache_selection_in_branches`).
 - IREE's sort is fragile on the CPU: the decomposed graph is repaired where that is exact (see
-  `_decomposed`), kv-evict's selection is decomposed without a sort (`SORT_FREE`), and a program
-  that still sorts several tensors of one shape is refused (iree-org/iree#24665).
+  `_decomposed`), kv-evict's selection is decomposed without a sort (`MLIR_DECOMPOSITIONS`), and
+  a program that still sorts several tensors of one shape is refused (iree-org/iree#24665).
 f64 stays f64: IREE demotes it to f32 by default, which changes what a program computes (the
 references rank in f64 to break ties exactly).
 """
@@ -47,6 +47,7 @@ from skimformer.ir import Program
 from skimformer.ir.graph import program_graphs
 from skimformer.kernels import decompositions
 from skimformer.kernels.evict import kv_select_by_counting
+from skimformer.kernels.tokens import gather_tokens_by_expanded_index
 
 NAME = "mlir"
 SUFFIX = ".vmfb"
@@ -65,8 +66,14 @@ SYMBOLIC_SIZE_OPS = {torch.sym_max: torch.ops.prim.max.int, torch.sym_min: torch
 SELECTIONS = {torch.ops.skim.kv_gather.default: "kv-evict", torch.ops.skim.window_tokens.default: "kv-window"}
 SORTS = (torch.ops.aten.sort.default, torch.ops.aten.sort.stable, torch.ops.aten.topk.default)
 ARANGES = (torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step)
-# Skim ops decomposed here without a sort: one per layer of one shape trips iree-org/iree#24665.
-SORT_FREE = {torch.ops.skim.kv_select.default: kv_select_by_counting}
+# Skim ops decomposed here otherwise than by their references: kv-evict's selection without a sort
+# (one per layer of one shape trips iree-org/iree#24665), token gathers as one aten.gather
+# (torch-mlir lowers no indexing by tensors at dynamic sizes).
+MLIR_DECOMPOSITIONS = {
+    torch.ops.skim.kv_select.default: kv_select_by_counting,
+    torch.ops.skim.gather_tokens.default: gather_tokens_by_expanded_index,
+    torch.ops.skim.restore_tokens.default: gather_tokens_by_expanded_index,
+}
 MESSAGE_CHARS = 300  # of a tool's diagnostic quoted in an error
 
 
@@ -117,13 +124,13 @@ def _has_dynamic_inputs(program: Program) -> bool:
 
 
 def _decomposed(program: Program) -> ExportedProgram:
-    """The program in the ATen ops torch-mlir takes (skim ops as their references or `SORT_FREE`,
-    torch-mlir's own decompositions but `KEPT_WHOLE`), with the repairs below applied to its graph
+    """The program in the ATen ops torch-mlir takes (skim ops as `MLIR_DECOMPOSITIONS` or their
+    references, torch-mlir's own decompositions but `KEPT_WHOLE`), with the repairs below applied to its graph
     and to the graphs of its branches (the exit passes' `torch.cond`)."""
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
 
     table = {op: fn for op, fn in get_decomposition_table().items() if op not in KEPT_WHOLE}
-    ep = program.ep.run_decompositions({**table, **decompositions(), **SORT_FREE})
+    ep = program.ep.run_decompositions({**table, **decompositions(), **MLIR_DECOMPOSITIONS})
     unused = []
     for module in ep.graph_module.modules():
         if isinstance(module, torch.fx.GraphModule):

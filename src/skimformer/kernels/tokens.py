@@ -16,21 +16,32 @@ from torch import Tensor
 NEG = -1e30  # a score no real token reaches
 
 
-def _batch_index(idx: Tensor, like: Tensor, dim: int) -> Tensor:
-    """Expand `[B, K]` indices to gather along `dim` of `like` (batch first)."""
-    shape = [1] * like.dim()
-    shape[0], shape[dim] = idx.shape[0], idx.shape[1]
-    view = idx.reshape(shape)
-    target = list(like.shape)
-    target[dim] = idx.shape[1]
-    return view.expand(target)
-
-
 def gather_tokens_ref(x: Tensor, idx: Tensor, dim: int) -> Tensor:
-    """`x` with only the tokens `idx[b]` along `dim`, per batch row (broadcast batch of 1 too)."""
-    if x.shape[0] != idx.shape[0]:
-        x = x.expand(idx.shape[0], *x.shape[1:])
-    return torch.gather(x, dim, _batch_index(idx, x, dim))
+    """`x` with only the tokens `idx[b]` along `dim`, per batch row (broadcast batch of 1 too).
+
+    Indexed by (row, token) pairs, not `torch.gather`: a gather needs its index expanded to the
+    output's full shape, which for a `[B, N, 49152]` logits restore is an int64 tensor larger
+    than the logits (ONNX: Expand + GatherElements, 5x slower than the GatherND this becomes)."""
+    x, dim = _batch_like(x, idx), dim % x.dim()
+    rows = torch.arange(idx.shape[0], device=idx.device)[:, None]
+    picked = x[(rows, *[slice(None)] * (dim - 1), idx)]  # the indexed axes come first: [B, K, ...]
+    return picked if dim == 1 else picked.movedim(1, dim)
+
+
+def gather_tokens_by_expanded_index(x: Tensor, idx: Tensor, dim: int) -> Tensor:
+    """`gather_tokens_ref` as one `torch.gather`, for compilers that lower a gather but not
+    indexing by tensors at dynamic sizes (torch-mlir's linalg-on-tensors)."""
+    x, dim = _batch_like(x, idx), dim % x.dim()
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = idx.shape[0], idx.shape[1]
+    target = list(x.shape)
+    target[dim] = idx.shape[1]
+    return torch.gather(x, dim, idx.reshape(shape).expand(target))
+
+
+def _batch_like(x: Tensor, idx: Tensor) -> Tensor:
+    """`x` with as many batch rows as `idx` (a batch of 1 broadcasts)."""
+    return x if x.shape[0] == idx.shape[0] else x.expand(idx.shape[0], *x.shape[1:])
 
 
 def kept_count(n, keep: float, protect: int):
