@@ -88,6 +88,19 @@ def test_a_cache_selection_inside_an_exit_branch_is_refused(tiny_decoder, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+class _TwoTopKs(torch.nn.Module):
+    def forward(self, x, y):
+        return {"i": torch.topk(x, 2).indices, "j": torch.topk(y, 2).indices}
+
+
+@toolchain
+def test_two_sorts_of_one_shape_are_refused_rather_than_miscompiled(tmp_path):
+    ep = torch.export.export(_TwoTopKs(), (torch.randn(3, 5), torch.randn(3, 5)))
+    with pytest.raises(UserError, match=r"sorts several tensors of one shape.*iree-org/iree#24665.*--backend onnxruntime"):
+        mlir.lower(Program(ep), tmp_path / "model.vmfb")
+    assert list(tmp_path.iterdir()) == []
+
+
 @toolchain
 @pytest.mark.slow
 def test_an_exit_lowers_to_a_branch_that_runs_either_way(tiny_decoder, tmp_path):

@@ -125,8 +125,8 @@ def _has_dynamic_inputs(program: Program) -> bool:
 
 def _decomposed(program: Program) -> ExportedProgram:
     """The program in the ATen ops torch-mlir takes (skim ops as `MLIR_DECOMPOSITIONS` or their
-    references, torch-mlir's own decompositions but `KEPT_WHOLE`), with the repairs below applied to its graph
-    and to the graphs of its branches (the exit passes' `torch.cond`)."""
+    references, torch-mlir's own decompositions but `KEPT_WHOLE`), with the repairs below applied
+    to its graph and to the graphs of its branches (the exit passes' `torch.cond`)."""
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
 
     table = {op: fn for op, fn in get_decomposition_table().items() if op not in KEPT_WHOLE}
@@ -247,6 +247,8 @@ def _refuse_sorts_of_one_shape(ep: ExportedProgram, role: str) -> None:
 
 
 def _refuse_cache_selection_in_branches(program: Program, role: str) -> None:
+    """Refused by the skim ops that select cache tokens (module docstring), before decomposition
+    hides which pass inserted them."""
     branches = [graph for graph in program_graphs(program.ep) if graph is not program.ep.graph]
     passes = sorted({SELECTIONS[n.target] for graph in branches for n in graph.nodes if n.target in SELECTIONS})
     if passes:
