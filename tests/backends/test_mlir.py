@@ -64,6 +64,13 @@ def test_stablehlo_refuses_dynamic_shapes_and_writes_nothing(exported, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+def _assert_generates_like_its_programs(engine, out) -> None:
+    """Greedy generation from a 10-token prompt equals the engine's programs run in torch."""
+    prompt = np.array([[5, 9, 14, 7, 3, 11, 20, 4, 8, 2]])
+    want = generate(torch_runner(load(out)), prompt, 6).ids
+    assert engine.generate(prompt, max_new_tokens=6).tolist() == want.tolist()
+
+
 class _Mapped(torch.nn.Module):
     def forward(self, x):
         return {"y": torch_map(lambda row: row * 2, x)}
@@ -119,9 +126,7 @@ def test_kv_evict_generates_like_its_programs(tiny_decoder, tmp_path):
     engine = optimize(tiny_decoder, "kv-evict(policy=h2o, budget=6)", backend="mlir", output=out)
     assert json.loads((out / "report.json").read_text())["parity"]["ok"]
     assert "sort" not in (out / "prefill.mlir").read_text()
-    prompt = np.array([[5, 9, 14, 7, 3, 11, 20, 4, 8, 2]])
-    want = generate(torch_runner(load(out)), prompt, 6).ids
-    assert engine.generate(prompt, max_new_tokens=6).tolist() == want.tolist()
+    _assert_generates_like_its_programs(engine, out)
 
 
 @toolchain
@@ -159,9 +164,7 @@ def test_decoder_with_a_kv_pass_generates_like_its_programs(tiny_decoder, tmp_pa
     assert sorted(engine.roles) == ["decode", "prefill"]
     assert "torch.aten" in (out / "decode.mlir").read_text()
     assert json.loads((out / "report.json").read_text())["parity"]["ok"]
-    prompt = np.array([[5, 9, 14, 7, 3, 11, 20, 4, 8, 2]])
-    want = generate(torch_runner(load(out)), prompt, 6).ids
-    assert engine.generate(prompt, max_new_tokens=6).tolist() == want.tolist()
+    _assert_generates_like_its_programs(engine, out)
 
 
 @toolchain

@@ -98,10 +98,11 @@ def kv_select_by_counting(scores: Tensor, mask: Tensor, keep: float, budget: int
     t = scores.shape[-1]
     rank = _selection_rank(scores, mask, window)
     outranked_by = _count_true(rank[..., None, :] > rank[..., :, None])  # [B, H, T]
-    kept_so_far = torch.cumsum((outranked_by < kept_tokens(t, keep, budget)).long(), dim=-1)
+    k = kept_tokens(t, keep, budget)
+    kept_so_far = torch.cumsum((outranked_by < k).long(), dim=-1)
     slots = torch.arange(t, device=scores.device)
     first_after = _count_true(kept_so_far[..., None, :] <= slots[:, None])  # j -> index of kept token j+1
-    return first_after[..., :kept_tokens(t, keep, budget)]
+    return first_after[..., :k]
 
 
 def _count_true(matrix: Tensor) -> Tensor:
