@@ -124,3 +124,15 @@ def test_rewritten_decode_runs_the_first_one_token_steps_in_torch(windowed):
     x.update({k: v[:, :, :1] for k, v in x.items() if k.startswith("past_")})
     out = decode.run(x)
     assert out["logits"].shape == (1, 1, 300) and out["present_key_0"].shape[2] == 2
+
+
+def test_a_decoder_exported_without_grad_is_rerotated(tmp_path):
+    """Under torch.no_grad the rotary tables are inlined ops (not one set_grad_enabled block):
+    the replay must copy them from the position ids on, or it rotates by the old positions."""
+    with torch.no_grad():
+        export_zoo("llama", tmp_path / "llama", size="tiny")
+    model, new, record = _window(tmp_path / "llama", f"kv-window(sink={SINK}, window={WINDOW})")
+    assert record.report["decode"]["rerotated_layers"] == 2
+    decode = new.programs["decode"]
+    out = decode.run(decode.example_inputs)
+    assert out["present_key_0"].shape[2] <= SINK + WINDOW

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from skimformer.ir.graph import descendants, op_name
+from skimformer.ir.graph import ancestors, descendants, op_name
 
 # What a rotation may do to keys and tables: arithmetic, sign, slicing and re-assembly, casts.
 ROTATION_OPS = frozenset({
@@ -77,7 +77,9 @@ def find_rotary(graph: fx.Graph, rotated: fx.Node, positions: fx.Node) -> Rotary
     """The rotation that made `rotated` from a key and `positions`, or None if there is none."""
     others = [n for n in graph.nodes if n.op == "placeholder" and n is not positions]
     feeding = _rotation_inputs(rotated)
-    tables = (descendants([positions]) - descendants(others)) & feeding
+    # whole table computations (positions -> frequencies -> cos/sin), which reach the rotation
+    # through ops it does not use itself: stopping at `feeding` would replay cos of the old positions
+    tables = (descendants([positions]) - descendants(others)) & ancestors([rotated])
     mixing = _mixing(tables, feeding)
     if rotated not in mixing:
         return None
