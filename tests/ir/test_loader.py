@@ -1,11 +1,17 @@
 """Loading accepts torch.export archives and refuses everything else with one clear line."""
+import dataclasses
 import io
 import json
+import os
 import pickle
+import subprocess
+import sys
+import typing
 import zipfile
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
 
 from skimformer import UserError, load
 
@@ -115,3 +121,141 @@ def test_pickled_code_inside_an_archive_is_not_executed(exported, tmp_path):
     with pytest.raises(UserError):
         load(rebuilt)
     assert not MARKER.exists()
+
+
+# Programs exported straight from a library model return the library's own container (a
+# transformers ModelOutput), which a fresh process has not registered with torch's pytree.
+
+OUTPUT_TYPE = "transformers.modeling_outputs.BaseModelOutputWithPoolingAndCrossAttentions"
+
+
+@pytest.fixture(scope="module")
+def model_output_bert(tmp_path_factory):
+    """A tiny BertModel exported as it comes (kwargs in, ModelOutput out): (path, inputs, eager outputs)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64)
+    model = tf.BertModel(config).eval()
+    inputs = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    ep = torch.export.export(model, (), kwargs=inputs)
+    path = tmp_path_factory.mktemp("model_output") / "bert.pt2"
+    torch.export.save(ep, path)
+    with torch.no_grad():
+        eager = dict(model(**inputs))
+    return path, inputs, eager
+
+
+def _edit_program(src, dst, edit):
+    """Copy the archive `src` to `dst` with `edit(graph_module_json)` applied to its program."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if "/models/" in item.filename and item.filename.endswith(".json"):
+                program = json.loads(data)
+                edit(program["graph_module"])
+                data = json.dumps(program).encode()
+            zout.writestr(item, data)
+    return dst
+
+
+def _edit_out_spec(src, dst, edit):
+    """Copy the archive with `edit(root_node)` applied to its serialized output spec."""
+    def apply(graph_module):
+        signature = graph_module["module_call_graph"][0]["signature"]
+        protocol, root = json.loads(signature["out_spec"])
+        edit(root)
+        signature["out_spec"] = json.dumps([protocol, root])
+    return _edit_program(src, dst, apply)
+
+
+def test_model_output_loads_in_a_fresh_process(model_output_bert, tmp_path):
+    """The loader imports transformers' output module itself; outputs keep their field names."""
+    path, inputs, eager = model_output_bert
+    script = (
+        "import sys, torch\n"
+        "from torch.utils import _pytree as pytree\n"
+        "from skimformer import load\n"
+        f"assert {OUTPUT_TYPE!r} not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE, 'registered before loading'\n"
+        "program = load(sys.argv[1]).programs['model']\n"
+        "inputs = torch.load(sys.argv[2], weights_only=True)\n"
+        "container = program.ep.call_spec.out_spec.type\n"
+        "print(f'{container.__module__}.{container.__name__}')\n"
+        "print(' '.join(program.input_names), '->', ' '.join(program.output_names))\n"
+        "torch.save(program.run(inputs), sys.argv[3])\n")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    run = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert lines[0] == OUTPUT_TYPE
+    assert lines[1] == "input_ids attention_mask -> last_hidden_state pooler_output"
+    outputs = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert list(outputs) == ["last_hidden_state", "pooler_output"]
+    for name, value in outputs.items():
+        torch.testing.assert_close(value, eager[name])
+
+
+def test_container_of_an_absent_library_loads_as_a_dict(model_output_bert, tmp_path):
+    path, inputs, eager = model_output_bert
+
+    def rename(root):
+        assert root["type"] == OUTPUT_TYPE
+        root["type"] = "nolib.Outputs"
+
+    program = load(_edit_out_spec(path, tmp_path / "nolib.pt2", rename)).programs["model"]
+    assert program.ep.call_spec.out_spec.type is dict
+    assert program.output_names == ["last_hidden_state", "pooler_output"]
+    for name, value in program.run(inputs).items():
+        torch.testing.assert_close(value, eager[name])
+
+
+@dataclasses.dataclass
+class _Pair:
+    first: torch.Tensor
+    missing: torch.Tensor | None
+    second: torch.Tensor
+
+
+class _Out(typing.NamedTuple):
+    logits: torch.Tensor
+    pair: _Pair
+
+
+pytree.register_dataclass(_Pair, serialized_type_name="skimformer_tests.Pair")
+pytree._register_namedtuple(_Out, serialized_type_name="skimformer_tests.Out")
+
+
+class _ReturnsContainers(torch.nn.Module):
+    def forward(self, x):
+        return _Out(x + 1, _Pair(x * 2, None, x - 1))
+
+
+def test_dataclass_and_namedtuple_of_an_absent_library_keep_their_field_names(tmp_path):
+    """Registered dataclasses and namedtuples list their fields in the file; those name the outputs."""
+    saved = tmp_path / "containers.pt2"
+    torch.export.save(torch.export.export(_ReturnsContainers(), (torch.ones(3),)), saved)
+
+    def rename(graph_module):
+        text = json.dumps(graph_module).replace("skimformer_tests.", "nolib.")
+        graph_module.clear()
+        graph_module.update(json.loads(text))
+
+    program = load(_edit_program(saved, tmp_path / "nolib.pt2", rename)).programs["model"]
+    assert program.output_names == ["logits", "pair.first", "pair.second"]
+    outputs = program.run({"x": torch.ones(3)})
+    assert [v.tolist() for v in outputs.values()] == [[2.0] * 3, [2.0] * 3, [0.0] * 3]
+
+
+def test_an_enum_from_a_module_that_is_not_installed_is_not_imported(model_output_bert, tmp_path, monkeypatch):
+    """torch rebuilds enums in a spec by importing the module the file names; only installed ones may be."""
+    (tmp_path / "skim_planted.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def plant(root):
+        root["type"] = "builtins.dict"
+        root["context"] = json.dumps([{"__enum__": True, "fqn": "skim_planted:E", "name": "A"}, "pooler_output"])
+
+    _refused(_edit_out_spec(model_output_bert[0], tmp_path / "enum.pt2", plant), "skim_planted", "not an installed package")
+    assert not (tmp_path / "imported").exists()

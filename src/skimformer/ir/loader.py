@@ -3,6 +3,8 @@
 A `.pt2` archive is a zip whose graph is JSON and whose tensors are raw bytes or weights-only
 pickles. The archive format is checked before torch reads it, and torch's reader runs with
 weights-only unpickling forced and Python-object pickles refused, so a file cannot execute code.
+Input and output containers that this process has not registered (a transformers `ModelOutput`)
+are registered from installed packages or read as dicts (`treespecs`), so they never refuse a file.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 import skimformer.kernels  # noqa: F401  (registers the skim ops rewritten programs hold)
 from skimformer.errors import UserError
 from skimformer.ir.program import Model, Program
+from skimformer.ir.treespecs import reading_specs
 
 HOW_TO_EXPORT = ("export with `ep = torch.export.export(model, args)` and `torch.export.save(ep, 'model.pt2')`,"
                  " or run `skimformer export MODEL_DIR -o OUT` on a transformers folder")
@@ -94,7 +97,7 @@ def load_program(path: str | Path, role: str = "model") -> Program:
         raise UserError(f"{path} is a folder: give a .pt2 file, or a decoder folder with {' and '.join(DECODER_FILES)}")
     check_archive(path)
     try:
-        with _weights_only():
+        with _weights_only(), reading_specs(path):
             ep = torch.export.load(str(path))
     except UserError:
         raise
