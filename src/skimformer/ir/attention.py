@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 
 from skimformer.ir.graph import op_name, shape, tensor_value
+from skimformer.ir.sizes import describe_size, same_shape
 
 FUSED = "scaled_dot_product_attention"
 MATMULS = frozenset({"matmul", "bmm"})
@@ -58,12 +58,6 @@ def set_sdpa_mask(node: fx.Node, mask: fx.Node | None) -> None:
         node.update_kwarg("attn_mask", mask)
 
 
-def _size(x):
-    if x is None:
-        return None
-    return int(x) if not isinstance(x, torch.SymInt) else str(x)
-
-
 def _kv_heads(k: fx.Node, fused_gqa: bool) -> int | str | None:
     """KV heads before any repeat_kv expansion: walk back through pure data movement."""
     node, last4d = k, k
@@ -74,7 +68,7 @@ def _kv_heads(k: fx.Node, fused_gqa: bool) -> int | str | None:
     if fused_gqa:
         last4d = k
     s = shape(last4d)
-    return _size(s[1]) if s is not None and len(s) == 4 else None
+    return describe_size(s[1]) if s is not None and len(s) == 4 else None
 
 
 def _fused_site(node: fx.Node) -> AttentionSite:
@@ -84,9 +78,9 @@ def _fused_site(node: fx.Node) -> AttentionSite:
     return AttentionSite(
         kind="fused", node=node, output=node, q=q, k=k, v=v,
         mask=mask if isinstance(mask, fx.Node) else None,
-        heads=_size(qs[1]) if len(qs) == 4 else None,
+        heads=describe_size(qs[1]) if len(qs) == 4 else None,
         kv_heads=_kv_heads(k, bool(node.kwargs.get("enable_gqa", False))),
-        head_dim=_size(qs[-1]) if qs else None)
+        head_dim=describe_size(qs[-1]) if qs else None)
 
 
 def _walk_back_to_matmul(start: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
@@ -98,7 +92,7 @@ def _walk_back_to_matmul(start: fx.Node) -> tuple[fx.Node | None, fx.Node | None
         tensors = [a for a in node.args if isinstance(a, fx.Node)]
         chain = [a for a in tensors if tensor_value(a) is not None and tensor_value(a).dim() >= 3]
         # The score path is the operand with the full score shape; any other tensor is the mask.
-        main = next((a for a in chain if shape(a) == shape(node)), chain[0] if chain else None)
+        main = next((a for a in chain if same_shape(shape(a), shape(node))), chain[0] if chain else None)
         for other in tensors:
             if other is not main and mask is None and op_name(node) in ("add", "where", "masked_fill", "sub"):
                 mask = other
@@ -138,9 +132,9 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | None:
     qs, ss = shape(q) or (), shape(softmax) or ()
     return AttentionSite(
         kind="eager", node=softmax, output=pv, q=q, k=k, v=v, mask=mask,
-        heads=_size(ss[1]) if len(ss) == 4 else None,
+        heads=describe_size(ss[1]) if len(ss) == 4 else None,
         kv_heads=_kv_heads(k, False) if k is not qk.args[1] else None,
-        head_dim=_size(qs[-1]) if qs else None, scores=qk)
+        head_dim=describe_size(qs[-1]) if qs else None, scores=qk)
 
 
 def find_attention(graph: fx.Graph) -> list[AttentionSite]:

@@ -17,6 +17,7 @@ import torch.fx as fx
 from skimformer.errors import UserError
 from skimformer.ir.attention import AttentionSite, find_attention
 from skimformer.ir.graph import module_stack, op_name, shape, tensor_value, to_networkx
+from skimformer.ir.sizes import same_shape
 from skimformer.ir.token_axis import Axis, propagate
 
 
@@ -108,7 +109,7 @@ def _residual_ends(block: Block, params: set[str]) -> None:
         return
     block.input = max(candidates, key=lambda n: (tensor_value(n).dim(), -len(n.users)))
     block.input_axis = reached[block.input]
-    same = [n for n in block.nodes if shape(n) == shape(block.input) and any(u not in members for u in n.users)]
+    same = [n for n in block.nodes if same_shape(shape(n), shape(block.input)) and any(u not in members for u in n.users)]
     block.output = same[-1] if same else None
 
 
@@ -162,7 +163,7 @@ def residual_midpoint(block: Block) -> fx.Node | None:
     after = nx.descendants(graph, site.output) if site.output in graph else set()
     members = set(graph)
     for node in block.nodes:
-        if node not in after or node is block.output or shape(node) != shape(block.input):
+        if node not in after or node is block.output or not same_shape(shape(node), shape(block.input)):
             continue
         if all(len([u for u in view.users if u in members]) < 2 for view in stream_views(node, members)):
             continue

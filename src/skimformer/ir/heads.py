@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from skimformer.ir.graph import descendants, op_name, shape
+from skimformer.ir.sizes import same_size
 from skimformer.ir.token_axis import Axis, propagate
 
 NORMS = frozenset({"layer_norm", "native_layer_norm", "rms_norm", "rsqrt", "group_norm"})
@@ -29,9 +30,9 @@ class Head:
         return {"name": self.name, "node": self.node.name}
 
 
-def vocab_sizes(graph: fx.Graph) -> set:
+def vocab_sizes(graph: fx.Graph) -> list:
     """Sizes of embedding tables looked up with program inputs (the vocabulary)."""
-    return {shape(n.args[0])[0] for n in graph.nodes if op_name(n) == "embedding" and shape(n.args[0])}
+    return [shape(n.args[0])[0] for n in graph.nodes if op_name(n) == "embedding" and shape(n.args[0])]
 
 
 def _weight(node: fx.Node) -> fx.Node | None:
@@ -63,7 +64,7 @@ def find_heads(graph: fx.Graph, last_output: fx.Node | None, last_axis: Axis | N
         if op_name(n) not in PROJECTIONS or n not in reaching_output or _weight(n) is None:
             continue
         out_shape = shape(n)
-        vocab_sized = bool(out_shape) and isinstance(out_shape[-1], int) and out_shape[-1] in vocab
+        vocab_sized = bool(out_shape) and any(same_size(out_shape[-1], v) for v in vocab)
         if _weight(n) in embedding_weights or (vocab_sized and n not in reduced):
             heads.append(Head("lm_head", n))
         elif n in reduced and any(op_name(u) == "tanh" for u in n.users):

@@ -12,10 +12,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from skimformer.ir.example_inputs import synthesize_inputs
-
-
-def _dim(size) -> int | str:
-    return int(size) if not isinstance(size, torch.SymInt) else str(size)
+from skimformer.ir.sizes import describe_size
 
 
 def _key_name(path) -> str:
@@ -76,7 +73,7 @@ class Program:
         for node, name in zip(nodes, names):
             v = node.meta.get("val")
             if isinstance(v, torch.Tensor):
-                specs.append({"name": name, "shape": [_dim(s) for s in v.shape], "dtype": str(v.dtype).removeprefix("torch.")})
+                specs.append({"name": name, "shape": [describe_size(s) for s in v.shape], "dtype": str(v.dtype).removeprefix("torch.")})
             else:
                 specs.append({"name": name, "shape": [], "dtype": type(v).__name__})
         return specs

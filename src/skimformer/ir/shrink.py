@@ -26,7 +26,8 @@ import torch.fx as fx
 from skimformer.errors import UserError
 from skimformer.ir.attention import sdpa_mask
 from skimformer.ir.graph import op_name, shape
-from skimformer.ir.token_axis import RESHAPES, Axis, dim_map, propagate, to_expr
+from skimformer.ir.sizes import same_size
+from skimformer.ir.token_axis import RESHAPES, Axis, dim_map, propagate
 
 SIZED = RESHAPES | {"expand", "new_zeros", "new_ones", "new_empty", "new_full"}
 SKIM = torch.ops.skim
@@ -50,8 +51,7 @@ def _token_dims(user: fx.Node, arg: fx.Node, axis: Axis, downstream: dict) -> li
     arg_shape = shape(arg)
     if arg_shape is None:
         return []
-    n = to_expr(axis.n) if not isinstance(axis.n, int) else axis.n
-    same = [i for i, s in enumerate(arg_shape) if to_expr(s) == to_expr(n)]
+    same = [i for i, s in enumerate(arg_shape) if same_size(s, axis.n)]
     dims = [i for i, j in (dim_map(user, arg) or {}).items() if j == axis.dim and i in same]
     if op_name(user) == "scaled_dot_product_attention" and arg is sdpa_mask(user) and user.args[1] in downstream:
         last = len(arg_shape) - 1

@@ -14,6 +14,7 @@ from torch.utils import _pytree as pytree
 
 from skimformer.errors import UserError
 from skimformer.ir.rewrite import eliminate_dead_code
+from skimformer.ir.sizes import same_size
 
 
 def output_node(module: fx.GraphModule) -> fx.Node:
@@ -75,7 +76,7 @@ def _size_elsewhere(module: fx.GraphModule, dropping: set[str], size) -> tuple[f
         if name in dropping or val is None or not hasattr(val, "shape"):
             continue
         for dim, other in enumerate(val.shape):
-            if str(other) == str(size):
+            if same_size(other, size):
                 return node, dim
     return None
 

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from skimformer.ir.graph import op_name, value
+from skimformer.ir.sizes import divides, same_size, to_expr
 
 # Ops whose output is the broadcast of their tensor inputs, element by element.
 ELEMENTWISE = frozenset("""
@@ -36,23 +37,6 @@ SAME_DIMS = frozenset("slice cat split split_with_sizes chunk narrow index_selec
 REDUCTIONS = frozenset("mean sum amax amin max min var std prod logsumexp any all argmax argmin".split())
 
 
-def to_expr(size) -> sympy.Expr:
-    """A dimension size as a sympy expression (SymInts keep their symbols)."""
-    if isinstance(size, torch.SymInt):
-        return sympy.sympify(size.node.expr)
-    if isinstance(size, sympy.Basic):
-        return size
-    return sympy.Integer(int(size))
-
-
-def divides(a, b) -> bool:
-    """True when b / a is a whole number (or a polynomial in the size symbols)."""
-    q = sympy.cancel(sympy.sympify(b) / sympy.sympify(a))
-    if q.is_Integer:
-        return bool(q > 0)
-    return sympy.fraction(q)[1] == 1 and not q.is_Rational
-
-
 @dataclass(frozen=True)
 class Axis:
     """Dimension `dim` of a value holds the token axis of `n` tokens.
@@ -68,7 +52,7 @@ class Axis:
 
     @property
     def plain(self) -> bool:
-        return self.inner == 1 and self.outer == 1
+        return same_size(self.inner, 1) and same_size(self.outer, 1)
 
 
 def _shape(v) -> list[sympy.Expr] | None:
@@ -91,7 +75,7 @@ def _norm(dim: int, r: int) -> int:
 
 def _broadcast_map(src: list, out: list) -> dict[int, int]:
     off = len(out) - len(src)
-    return {i: i + off for i in range(len(src)) if src[i] == out[i + off]}
+    return {i: i + off for i in range(len(src)) if same_size(src[i], out[i + off])}
 
 
 def _arg_position(node: fx.Node, src: fx.Node) -> list:
@@ -133,7 +117,7 @@ def dim_map(node: fx.Node, src: fx.Node) -> dict[int, int] | None:
         if pos == 0:
             return {i: i + R - r for i in range(r - 1)}
         if pos == 1:
-            m = {i: i + R - r for i in range(r - 2) if s[i] == o[i + R - r]}
+            m = {i: i + R - r for i in range(r - 2) if same_size(s[i], o[i + R - r])}
             m[r - 1] = R - 1
             return m
         return None
@@ -141,7 +125,7 @@ def dim_map(node: fx.Node, src: fx.Node) -> dict[int, int] | None:
         if pos == 0:
             return {i: i for i in range(r - 1)}
         if pos in (1, 2):
-            m = {i: i for i in range(r - 2) if s[i] == o[i]}
+            m = {i: i for i in range(r - 2) if same_size(s[i], o[i])}
             if pos == 2:
                 m[r - 1] = R - 1
             return m
@@ -162,9 +146,9 @@ def dim_map(node: fx.Node, src: fx.Node) -> dict[int, int] | None:
     if name == "squeeze":
         if len(node.args) > 1:
             raw = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
-            gone = {_norm(int(d), r) for d in raw if s[_norm(int(d), r)] == 1}
+            gone = {_norm(int(d), r) for d in raw if same_size(s[_norm(int(d), r)], 1)}
         else:
-            gone = {i for i in range(r) if s[i] == 1}
+            gone = {i for i in range(r) if same_size(s[i], 1)}
         kept = [i for i in range(r) if i not in gone]
         return {i: j for j, i in enumerate(kept)}
     if name in ("expand", "expand_as"):

@@ -22,7 +22,6 @@ after KV passes that compress, quantize or carry state; not with early-exit.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import torch
@@ -63,23 +62,9 @@ def _layer(name: str) -> int:
     return int(name.rsplit("_", 1)[1])
 
 
-def _independent_copy(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """The program saved and loaded again: a copy with a shape environment of its own (a deep
-    copy shares it)."""
-    buffer = io.BytesIO()
-    torch.export.save(ep, buffer)
-    buffer.seek(0)
-    return torch.export.load(buffer)
-
-
 def _split(decode: Program, exit_at: int, heads: ExitHeads | None) -> tuple[Program, Program]:
-    """The draft and verify programs (module docstring) cut from the decode program.
-
-    They are cut from an independent copy: structure analysis compares symbolic sizes with constants, and an
-    example size equal to one (SmolLM2's 3 new tokens and 3 KV heads) specializes the shape
-    environment the graph's values share, which would fix the kept decode program's sizes."""
-    source = _independent_copy(decode.ep)
-    draft_module, verify_module = source.module(), source.module()
+    """The draft and verify programs (module docstring) cut from the decode program."""
+    draft_module, verify_module = decode.ep.module(), decode.ep.module()
 
     graph = draft_module.graph
     blocks = find_blocks(graph, find_attention(graph), set())
