@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench bench-tokens bench-kv kvpress-env clean
+.PHONY: setup demo test test-fast bench bench-tokens bench-kv bench-peers kvpress-env genai-env clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,21 @@ $(KVPRESS_VENV)/.installed:
 	$(KVPRESS_VENV)/bin/pip install -q torch==2.13.0
 	$(KVPRESS_VENV)/bin/pip install -q 'transformers<5.3' kvpress==0.5.5
 	touch $@
+
+# onnxruntime-genai (ONNX Runtime's own LLM path), a peer in benchmarks/peers.py: its model builder
+# runs on the same fp32 SmolLM2 folder in a virtual environment of its own. Optional.
+GENAI_VENV := .cache/genai-venv
+genai-env: $(GENAI_VENV)/.installed
+
+$(GENAI_VENV)/.installed:
+	$(PYTHON) -m venv $(GENAI_VENV)
+	$(GENAI_VENV)/bin/pip install -q --upgrade pip
+	$(GENAI_VENV)/bin/pip install -q torch==2.13.0
+	$(GENAI_VENV)/bin/pip install -q onnxruntime-genai==0.18.0 onnxruntime transformers onnx onnx_ir numpy
+	touch $@
+
+bench-peers: $(STAMP) genai-env
+	$(PY) benchmarks/peers.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache build src/*.egg-info

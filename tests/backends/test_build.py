@@ -42,7 +42,7 @@ def test_existing_folder_is_refused_then_replaced_with_force(exported, tmp_path)
 
 
 def test_failed_parity_writes_nothing(exported, tmp_path, monkeypatch):
-    monkeypatch.setattr(build, "parity", lambda model, engine: {"max_abs": 1.0, "ok": False, "programs": {}})
+    monkeypatch.setattr(build, "parity", lambda model, engine, lossy=False: {"max_abs": 1.0, "ok": False, "programs": {}})
     out = tmp_path / "eng"
     with pytest.raises(VerificationError):
         optimize(exported("bert"), output=out)

@@ -35,7 +35,7 @@ class Engine:
     def __init__(self, folder: Path, manifest: dict):
         self.folder = Path(folder)
         self.manifest = manifest
-        backend = backend_module(manifest["backend"])
+        backend = self.backend = backend_module(manifest["backend"])
         self.runners = {role: backend.Runner(self.folder / spec["engine"])
                         for role, spec in manifest["programs"].items()}
 
@@ -97,7 +97,9 @@ class Engine:
                                 "drop the sampling options (temperature 0)")
             draft = self.manifest.get("generation", {}).get("draft", 4)
             return speculate(self.run, prompt_ids, max_new_tokens, draft, attention_mask, eos_token_id)
-        return generate(self.run, prompt_ids, max_new_tokens, attention_mask, eos_token_id, sampling)
+        make_cache = getattr(self.backend, "decoding_cache", None)
+        cache = make_cache(self.runners["prefill"], self.runners["decode"], max_new_tokens) if make_cache else None
+        return generate(self.run, prompt_ids, max_new_tokens, attention_mask, eos_token_id, sampling, cache)
 
     def tokenizer(self):
         """The model's tokenizer, when the engine folder holds its files; else None."""

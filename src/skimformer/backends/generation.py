@@ -77,10 +77,6 @@ class Generation:
         return self.ids.size / self.seconds if self.seconds > 0 else 0.0
 
 
-def carried_bytes(outputs: dict[str, np.ndarray]) -> int:
-    return int(sum(np.asarray(v).nbytes for k, v in outputs.items() if carried_input(k)))
-
-
 @dataclass
 class Prompt:
     """A checked prompt batch: ids and mask `[B, T]`, and each row's position ids."""
@@ -125,16 +121,36 @@ class Finisher:
         return bool(self.finished.all())
 
 
+class CopiedCache:
+    """The plain decoding state: every carried output of a step (`present_*`, `state_*`) is fed
+    back as the next step's input, through numpy. Any engine can run it."""
+
+    def __init__(self, run: Callable[[dict, str], dict]):
+        self.run = run
+        self.carried: dict[str, np.ndarray] = {}
+
+    def step(self, feeds: dict, role: str) -> dict:
+        outputs = self.run({**feeds, **self.carried}, role)
+        self.carried = {carried_input(k): v for k, v in outputs.items() if carried_input(k)}
+        return outputs
+
+    @property
+    def bytes(self) -> int:
+        return int(sum(np.asarray(v).nbytes for v in self.carried.values()))
+
+
 def generate(run: Callable[[dict, str], dict], prompt_ids, max_new_tokens: int, attention_mask=None,
-             eos_token_id: int | None = None, sampling: Sampling | None = None) -> Generation:
+             eos_token_id: int | None = None, sampling: Sampling | None = None, cache=None) -> Generation:
     """Generate with `run(feeds, role)` (an engine's programs); rows of a left-padded batch
-    finish independently when `eos_token_id` is given. A decode program that returns
-    `exit_layer` (early exits) gives `mean_exit_layer` and `exit_histogram` (blocks run -> decode
-    steps) over the decode steps in `extra`."""
+    finish independently when `eos_token_id` is given. `cache` owns what steps hand each other
+    (`CopiedCache(run)` by default; an engine may keep it in place instead). A decode program
+    that returns `exit_layer` (early exits) gives `mean_exit_layer` and `exit_histogram` (blocks
+    run -> decode steps) over the decode steps in `extra`."""
     prompt = Prompt.of(prompt_ids, attention_mask, max_new_tokens)
+    cache = cache or CopiedCache(run)
     choose = (sampling or Sampling()).chooser()
     start = time.perf_counter()
-    outputs = prompt.prefill(run)
+    outputs = cache.step({"input_ids": prompt.ids, MASK: prompt.mask, "position_ids": prompt.positions}, "prefill")
     mask, rows = prompt.mask, prompt.ids.shape[0]
     generated, finish = [], Finisher(rows, eos_token_id)
     next_pos = prompt.positions[:, -1:] + 1
@@ -147,13 +163,11 @@ def generate(run: Callable[[dict, str], dict], prompt_ids, max_new_tokens: int, 
         if MASK in outputs:
             mask = np.asarray(outputs[MASK], dtype=np.int64)
         mask = np.concatenate([mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
-        feeds = {"input_ids": token[:, None], MASK: mask, "position_ids": next_pos}
-        feeds.update({carried_input(k): v for k, v in outputs.items() if carried_input(k)})
-        outputs = run(feeds, "decode")
+        outputs = cache.step({"input_ids": token[:, None], MASK: mask, "position_ids": next_pos}, "decode")
         if EXIT_LAYER in outputs:
             depths.append(int(outputs[EXIT_LAYER]))
         next_pos = next_pos + 1
     extra = {"mean_exit_layer": float(np.mean(depths)),
              "exit_histogram": {str(d): depths.count(d) for d in sorted(set(depths))}} if depths else {}
-    return Generation(np.stack(generated, axis=1), carried_bytes(outputs), time.perf_counter() - start,
+    return Generation(np.stack(generated, axis=1), cache.bytes, time.perf_counter() - start,
                       len(generated) - 1, extra)

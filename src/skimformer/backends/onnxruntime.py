@@ -6,11 +6,14 @@ program's output names (`logits`, `present_key_0`, ...) so engines are driven by
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
+from skimformer.backends.ort_kernels import contrib, onnx_rules, select_graph_kernels
 from skimformer.backends.quiet import quiet
+from skimformer.errors import UserError
 from skimformer.ir import Program
 from skimformer.ir.graph import holds_skim_ops
 from skimformer.kernels import decompositions
@@ -26,17 +29,61 @@ def _quiet():
     return quiet(("torch.onnx", "onnxscript", "torch.export"))
 
 
-def lower(program: Program, path: Path) -> None:
-    """Write `program` as an ONNX model at `path`."""
-    ep = program.ep
+WEIGHTS = {"int8": 8, "int4": 4}
+WEIGHT_BLOCK = 32  # weights per quantization scale, as ONNX Runtime's LLM builder uses on CPU
+
+
+def require(portable: bool = False, weights: str | None = None, **unknown) -> None:
+    """Refuse options this backend does not have before any work is done."""
+    if unknown:
+        raise UserError(f"the onnxruntime backend has no option {', '.join(unknown)}: it takes portable and weights")
+    if weights is not None and weights not in WEIGHTS:
+        raise UserError(f"--weights {weights} is not a weight format: use {' or '.join(WEIGHTS)}")
+
+
+def lossy(weights: str | None = None, **_) -> bool:
+    """Whether engines built with these options approximate their programs (quantized weights)."""
+    return weights is not None
+
+
+def lower(program: Program, path: Path, portable: bool = False, weights: str | None = None) -> None:
+    """Write `program` as an ONNX model at `path`: with ONNX Runtime's fused kernels selected,
+    or in standard ONNX alone when `portable`; with matmul weights quantized to `weights`."""
+    lowered, translations, table = program, None, decompositions()
+    if not portable:
+        lowered = select_graph_kernels(program)[0]
+        translations = contrib.translations()
+        for op in translations:
+            table.pop(op, None)  # ops ONNX Runtime runs fused stay whole for their translation
+    ep = lowered.ep
     if holds_skim_ops(ep):
-        ep = ep.run_decompositions(decompositions())  # skim ops become standard ATen, then ONNX
-    export_onnx(program, ep, path)
+        ep = ep.run_decompositions(table)  # skim ops become standard ATen, then ONNX
+    export_onnx(program, ep, path, translations, None if portable else onnx_rules.apply)
+    if weights is not None:
+        quantize_weights(path, WEIGHTS[weights])
 
 
-def export_onnx(program: Program, ep: torch.export.ExportedProgram, path: Path, translations: dict | None = None) -> None:
+def quantize_weights(path: Path, bits: int) -> None:
+    """Quantize every matmul with a constant weight to `MatMulNBits` (blockwise, symmetric) with
+    ONNX Runtime's own quantizer; `accuracy_level=4` lets its CPU kernel compute in int8."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(path))
+    with _quiet():
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=WEIGHT_BLOCK, is_symmetric=True,
+                                         accuracy_level=4)
+        quantizer.process()
+    for stale in path.parent.glob(path.name + "*.data"):
+        stale.unlink()
+    onnx.save(quantizer.model.model, str(path), save_as_external_data=True, location=path.name + ".data")
+
+
+def export_onnx(program: Program, ep: torch.export.ExportedProgram, path: Path, translations: dict | None = None,
+                rewrite: Callable | None = None) -> None:
     """Write `ep` (the program, or a lowered form of it) as ONNX named like the program;
-    `translations` map ops to onnxscript functions of their own (custom nodes)."""
+    `translations` map ops to onnxscript functions of their own (custom nodes), and `rewrite`
+    edits the exported `onnx_ir` model before it is saved."""
     with _quiet():
         onnx_program = torch.onnx.export(ep, (), dynamo=True, verbose=False, custom_translation_table=translations)
     if translations:
@@ -45,6 +92,8 @@ def export_onnx(program: Program, ep: torch.export.ExportedProgram, path: Path, 
     inputs = set(program.input_names)
     for value, name in zip(outputs, program.output_names):
         value.name = name + SAME_AS_INPUT if name in inputs else name
+    if rewrite is not None:
+        rewrite(onnx_program.model)
     with _quiet():
         onnx_program.save(str(path))
 
@@ -78,7 +127,32 @@ class Runner:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name.removesuffix(SAME_AS_INPUT) for o in self.session.get_outputs()]
+        self.in_place_cache = _cache_in_place(path)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {name: np.ascontiguousarray(inputs[name]) for name in self.input_names}
         return dict(zip(self.output_names, self.session.run(None, feeds)))
+
+
+def _cache_in_place(path: Path) -> bool:
+    """Whether every `past_*` input is read only by GroupQueryAttention (or for its batch size),
+    so that a buffer larger than the tokens it holds can be bound to it and updated in place."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    past = {i.name for i in graph.input if i.name.startswith("past_")}
+    if not past:
+        return False
+    for node in graph.node:
+        for name in past.intersection(node.input):
+            batch_size = node.op_type == "Shape" and {a.name: a.i for a in node.attribute} == {"start": 0, "end": 1}
+            if not (batch_size or (node.op_type == "GroupQueryAttention" and list(node.input).index(name) in (3, 4))):
+                return False
+    return True
+
+
+def decoding_cache(prefill: Runner, decode: Runner, max_new_tokens: int):
+    """The cache `generate` keeps between steps: in place when the decode engine allows it."""
+    from skimformer.backends.ort_cache import InPlaceCache
+
+    return InPlaceCache(prefill, decode, max_new_tokens) if decode.in_place_cache else None

@@ -7,14 +7,14 @@ kernels (`triton_tokens`, `triton_kv`) become the ops' CUDA implementations (`gp
 """
 import torch
 
-from skimformer.kernels import evict, gpu, merge, quant, tokens, window
+from skimformer.kernels import channel_quant, evict, gpu, merge, quant, tokens, window
 
 if torch.cuda.is_available():
     gpu.register_cuda_kernels()
 
 
 def decompositions() -> dict:
-    return {**tokens.REFERENCES, **merge.REFERENCES, **window.REFERENCES, **evict.REFERENCES, **quant.REFERENCES}
+    return {**channel_quant.REFERENCES, **tokens.REFERENCES, **merge.REFERENCES, **window.REFERENCES, **evict.REFERENCES, **quant.REFERENCES}
 
 
-__all__ = ["decompositions", "evict", "gpu", "merge", "quant", "tokens", "window"]
+__all__ = ["channel_quant", "decompositions", "evict", "gpu", "merge", "quant", "tokens", "window"]

@@ -1,0 +1,219 @@
+"""Decoder engines against ONNX Runtime's own LLM path (onnxruntime-genai), side by side.
+
+`make bench-peers`: genai's model builder runs on the same fp32 SmolLM2-135M folder (fp32 and
+int4 weights) in its own virtualenv (`make genai-env`), driven as a worker process; skimformer's
+engines run here. Every measurement goes round-robin over all systems, so machine drift falls on
+each alike; every engine uses the same thread count. Figures: prefill time at one prompt length,
+decode tokens/s after prompts of several lengths (prefill untimed, then `--steps` greedy steps
+timed), and each system's greedy tokens against genai fp32's over `--agree` tokens of a real
+prompt. Compressed caches also print their bytes ceiling: (weights + full KV bytes) /
+(weights + compressed KV bytes), the decode speed-up if decoding only streamed bytes.
+
+    python benchmarks/peers.py [--contexts 128,2000] [--batches 1] [--prefill 2000] [--steps 16]
+        [--systems none,portable,int4,genai-fp32,genai-int4,...] [--passes SPEC ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import THREADS, print_table, setup_threads  # noqa: E402
+
+from skimformer.backends.engine import Engine  # noqa: E402
+from skimformer.backends.generation import CopiedCache  # noqa: E402
+
+CACHE = ROOT / ".cache" / "bench-peers"
+GENAI_PY = ROOT / ".cache" / "genai-venv" / "bin" / "python"
+# skimformer systems: name -> (passes, backend options)
+SKIM = {"none": ("", {}), "portable": ("", {"portable": True}), "int4": ("", {"weights": "int4"}),
+        "kv-quant8": ("kv-quant(bits=8)", {}), "kv-window512": ("kv-window(window=512)", {}),
+        "snapkv0.5": ("kv-evict(policy=snapkv, keep=0.5)", {}), "prompt-prune0.5": ("prompt-prune(keep=0.5)", {}),
+        "int4+kv-quant8": ("kv-quant(bits=8)", {"weights": "int4"})}
+GENAI = {"genai-fp32": "fp32", "genai-int4": "int4"}
+
+
+def progress(msg: str) -> None:
+    print(f"[peers] {msg}", file=sys.stderr, flush=True)
+
+
+def smollm2_export() -> Path:
+    from skimformer.zoo import real
+
+    out = CACHE / "smollm2-export"
+    if not (out / "decode.pt2").exists():
+        progress("exporting SmolLM2-135M (fp32)")
+        real.export_smollm2(out)
+    return out
+
+
+def skim_engine(name: str) -> Engine:
+    from skimformer import optimize
+
+    out = CACHE / f"skim-{name}"
+    if not (out / "manifest.json").exists():
+        passes, options = SKIM[name]
+        progress(f"building skimformer {name} ({passes or 'no passes'}, {options or 'default'})")
+        start = time.perf_counter()
+        optimize(smollm2_export(), passes or None, output=out, backend_options=options, force=True)
+        progress(f"built {name} in {time.perf_counter() - start:.0f} s")
+    return Engine.load(out)
+
+
+class GenaiWorker:
+    """One genai model in a worker process of the genai virtualenv."""
+
+    def __init__(self, precision: str):
+        from skimformer.zoo import real
+
+        folder = CACHE / f"genai-{precision}"
+        if not (folder / "genai_config.json").exists():
+            progress(f"running genai's model builder ({precision})")
+            shutil.rmtree(folder, ignore_errors=True)
+            subprocess.run([str(GENAI_PY), "-m", "onnxruntime_genai.models.builder", "-i", str(real.smollm2_dir()),
+                            "-o", str(folder), "-p", precision, "-e", "cpu", "-c", str(CACHE / "genai-hf-cache")],
+                           check=True, stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([str(GENAI_PY), str(ROOT / "benchmarks" / "peers_genai_worker.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ask({"load": str(folder), "threads": THREADS})
+
+    def ask(self, command: dict) -> dict:
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        reply = json.loads(self.proc.stdout.readline())
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        return reply
+
+
+class SkimSystem:
+    def __init__(self, name: str):
+        self.engine = skim_engine(name)
+
+    def _session(self, steps: int):
+        make = getattr(self.engine.backend, "decoding_cache", None)
+        cache = make(self.engine.runners["prefill"], self.engine.runners["decode"], steps) if make else None
+        return cache or CopiedCache(self.engine.run)
+
+    def prefill_ms(self, ids: np.ndarray) -> float:
+        start = time.perf_counter()
+        self._session(1).step(_prompt_feeds(ids), "prefill")
+        return (time.perf_counter() - start) * 1e3
+
+    def decode(self, ids: np.ndarray, steps: int) -> tuple[float, np.ndarray]:
+        cache = self._session(steps)
+        out = cache.step(_prompt_feeds(ids), "prefill")
+        rows, mask = ids.shape[0], np.asarray(out.get("attention_mask", np.ones_like(ids)), dtype=np.int64)
+        position, tokens = ids.shape[1], []
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = out["logits"][:, -1].argmax(-1)
+            tokens.append(token)
+            if "attention_mask" in out:
+                mask = np.asarray(out["attention_mask"], dtype=np.int64)
+            mask = np.concatenate([mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
+            out = cache.step({"input_ids": token[:, None], "attention_mask": mask,
+                              "position_ids": np.full((rows, 1), position)}, "decode")
+            position += 1
+        return rows * steps / (time.perf_counter() - start), np.stack(tokens, 1)
+
+    def kv_bytes(self) -> int:
+        return int(json.loads((self.engine.folder / "report.json").read_text())["memory"]["kv_cache_bytes"])
+
+
+class GenaiSystem:
+    def __init__(self, name: str):
+        self.worker = GenaiWorker(GENAI[name])
+
+    def prefill_ms(self, ids: np.ndarray) -> float:
+        return self.worker.ask({"prefill": ids.tolist()})["ms"]
+
+    def decode(self, ids: np.ndarray, steps: int) -> tuple[float, np.ndarray]:
+        reply = self.worker.ask({"decode": ids.tolist(), "steps": steps})
+        return reply["tok_s"], np.asarray(reply["tokens"])
+
+
+def _prompt_feeds(ids: np.ndarray) -> dict:
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids),
+            "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
+
+
+def text_ids(tokens: int, batch: int) -> np.ndarray:
+    """`batch` rows of `tokens` real-text token ids (shipped texts, the model's tokenizer)."""
+    from skimformer.zoo import real, texts
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(real.smollm2_dir(), local_files_only=True)
+    ids = tok(texts.corpus()[: tokens * 8 * batch])["input_ids"]
+    return np.array([ids[i * tokens:(i + 1) * tokens] for i in range(batch)], dtype=np.int64)
+
+
+def rounds(systems: dict, measure, repeats: int) -> dict[str, float]:
+    """Median of `measure(system)` per system over `repeats` round-robin rounds."""
+    samples = {name: [] for name in systems}
+    for _ in range(repeats):
+        for name, system in systems.items():
+            samples[name].append(measure(system))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--systems", default="none,portable,int4,genai-fp32,genai-int4")
+    ap.add_argument("--contexts", default="128,2000")
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--prefill", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--agree", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    setup_threads()
+    names = args.systems.split(",")
+    if any(n in GENAI for n in names) and not GENAI_PY.exists():
+        progress("genai is not set up (make genai-env): its columns are left out")
+        names = [n for n in names if n not in GENAI]
+    systems = {n: (GenaiSystem(n) if n in GENAI else SkimSystem(n)) for n in names}
+    base = "genai-fp32" if "genai-fp32" in systems else names[0]
+    rows = {n: {"system": n} for n in names}
+    start = time.perf_counter()
+
+    ids = text_ids(args.prefill, 1)
+    progress(f"prefill of {args.prefill} tokens")
+    for name, ms in rounds(systems, lambda s: s.prefill_ms(ids), args.repeats).items():
+        rows[name][f"prefill {args.prefill} ms"] = f"{ms:.0f}"
+    columns = ["system", f"prefill {args.prefill} ms"]
+    for batch in map(int, args.batches.split(",")):
+        for context in map(int, args.contexts.split(",")):
+            ids = text_ids(context, batch)
+            progress(f"decode after {context} tokens, batch {batch}")
+            speed = rounds(systems, lambda s: s.decode(ids, args.steps)[0], args.repeats)
+            column = f"tok/s b{batch} @{context}"
+            columns.append(column)
+            for name, tok_s in speed.items():
+                rows[name][column] = f"{tok_s:.1f} ({tok_s / speed[base]:.2f}x)"
+    progress(f"greedy agreement with {base} over {args.agree} tokens")
+    ids = text_ids(256, 1)
+    reference = systems[base].decode(ids, args.agree)[1]
+    for name, system in systems.items():
+        tokens = system.decode(ids, args.agree)[1]
+        rows[name][f"agreement with {base}"] = f"{(tokens == reference).mean():.3f}"
+    columns.append(f"agreement with {base}")
+    print(f"\nSmolLM2-135M, {THREADS} threads, round-robin medians of {args.repeats}; decode: {args.steps} greedy steps "
+          f"after a real-text prompt; ratios against {base}  [{time.perf_counter() - start:.0f} s]")
+    print_table(list(rows.values()), columns)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Kernel rule: a decoder layer's attention with its cache becomes ONNX Runtime's fused
+`com.microsoft.GroupQueryAttention`.
+
+What the exporter writes for one layer of a decode step concatenates the past and new keys
+(a full copy of the cache), repeats the KV heads to the query heads (another, larger copy), and
+runs unfused attention over them. GroupQueryAttention reads the cache in its `[B, H_kv, T, D]`
+layout with the KV heads shared, appends the new keys itself, and, when the engine binds the
+same buffer as `past_key` and `present_key`, writes them in place: a step then copies no cache.
+
+The rule works from what `ir` knows (each layer's present and past cache ports and the attention
+site that reads them), not from ONNX patterns. Per layer it inserts one
+`skim_ort::group_query_attention(q, k_new, v_new, past_key, past_value, bias, scale)` whose
+torch definition is the computation it replaces: causal attention over the concatenated cache
+plus the model's own additive mask (`bias`, padding and causality as the model built them).
+Query rows whose every key is masked (the left padding of a prompt) are unspecified, as they
+are for the model: the kernel and torch's attention disagree there, and nothing reads them.
+
+The rotary embedding stays outside the op, exactly as the model computes it, so positions of
+left-padded rows and of compressed caches remain the model's own.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from skimformer.ir.signature import output_node
+
+
+@torch.library.custom_op("skim_ort::group_query_attention", mutates_args=())
+def group_query_attention(q: Tensor, k: Tensor, v: Tensor, past_key: Tensor | None, past_value: Tensor | None,
+                          bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Causal attention of `q [B,H,S,D]` over the past and new keys `[B,H_kv,*,D]`, plus `bias`
+    (`[B|1, 1, S, T]`, additive); returns the output `[B,H,S,D]` and the grown cache."""
+    key = k.clone() if past_key is None else torch.cat([past_key, k], dim=2)
+    value = v.clone() if past_value is None else torch.cat([past_value, v], dim=2)
+    s, t = q.shape[2], key.shape[2]
+    causal = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
+    mask = torch.zeros(s, t, dtype=q.dtype, device=q.device).masked_fill(~causal, torch.finfo(q.dtype).min)
+    if bias is not None:
+        mask = mask + bias
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale,
+                                                           enable_gqa=True)
+    return out, key, value
+
+
+@group_query_attention.register_fake
+def _(q, k, v, past_key, past_value, bias, scale):
+    grown = list(k.shape)
+    if past_key is not None:
+        grown[2] = past_key.shape[2] + k.shape[2]
+    return q.new_empty(q.shape), k.new_empty(grown), v.new_empty(grown)
+
+
+OP = torch.ops.skim_ort.group_query_attention.default
+
+
+def fuse_cache_attention(module: fx.GraphModule) -> tuple[int, list[str]]:
+    """Rewrite every layer whose cache and attention fit the kernel; returns the layers rewritten
+    and, for the others, why not."""
+    from skimformer.passes.cache_attention import additive, cache_attentions
+
+    found, skipped = cache_attentions(module, "kernel selection")
+    graph, out = module.graph, output_node(module)
+    for layer in found:
+        site = layer.layer.attention
+        with graph.inserting_before(site.node):
+            node = graph.call_function(OP, (site.q, layer.k_new, layer.v_new, layer.layer.past_key,
+                                            layer.layer.past_value, additive(graph, layer.mask), layer.scale))
+            node.meta["skim"] = "kernel-selection"
+            attended, key, value = (graph.call_function(operator.getitem, (node, i)) for i in range(3))
+        site.node.replace_all_uses_with(attended)
+        out.replace_input_with(layer.layer.key, key)
+        out.replace_input_with(layer.layer.value, value)
+    return len(found), skipped

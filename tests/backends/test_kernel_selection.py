@@ -1,0 +1,107 @@
+"""ONNX Runtime kernel selection: which fused ops the engines hold, parity with the programs
+(batch > 1 with left padding), the in-place cache, quantized weights, and `--portable`."""
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+from skimformer import Engine, UserError, load, optimize
+from skimformer.backends.generation import CopiedCache, generate
+from skimformer.backends.ort_cache import InPlaceCache
+from tests.decoding import torch_runner
+
+
+def op_counts(path) -> Counter:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return Counter(f"{n.domain}:{n.op_type}" if n.domain else n.op_type for n in graph.node)
+
+
+@pytest.fixture(scope="module")
+def fused(tiny_decoder, tmp_path_factory):
+    return optimize(tiny_decoder, output=tmp_path_factory.mktemp("fused") / "eng")
+
+
+@pytest.fixture(scope="module")
+def portable(tiny_decoder, tmp_path_factory):
+    return optimize(tiny_decoder, output=tmp_path_factory.mktemp("portable") / "eng", backend_options={"portable": True})
+
+
+def padded_prompt(rows=3, length=9, pad=(0, 4, 2)):
+    ids = np.random.default_rng(1).integers(3, 300, (rows, length))
+    mask = np.ones_like(ids)
+    for row, n in enumerate(pad):
+        mask[row, :n] = 0
+    return ids, mask
+
+
+def test_decoder_engines_hold_fused_attention_and_norms(fused):
+    layers = len(load(fused.folder / "decode.pt2").programs["decode"].ep.graph_signature.user_outputs) // 2
+    for role in ("prefill", "decode"):
+        ops = op_counts(fused.folder / f"{role}.onnx")
+        assert ops["com.microsoft:GroupQueryAttention"] == layers
+        assert ops["com.microsoft:SkipSimplifiedLayerNormalization"] > 0
+        assert ops["Softmax"] == 0  # no unfused attention left
+    report = fused.folder / "report.json"
+    assert '"ok": true' in report.read_text()
+
+
+def test_portable_engine_has_standard_ops_only(portable):
+    for role in ("prefill", "decode"):
+        assert not [op for op in op_counts(portable.folder / f"{role}.onnx") if ":" in op]
+    assert not portable.runners["decode"].in_place_cache
+
+
+def test_fused_engine_matches_the_programs_on_a_left_padded_batch(tiny_decoder, fused):
+    """Greedy tokens of a padded batch of three, fused engine against the programs in torch, at
+    every row (real positions only: padding rows' outputs are unspecified)."""
+    ids, mask = padded_prompt()
+    want = generate(torch_runner(load(tiny_decoder)), ids, 12, mask).ids
+    np.testing.assert_array_equal(fused.generate(ids, 12, mask), want)
+    # a multi-token decode step of the batch, logits against the program
+    program = load(tiny_decoder).programs["decode"]
+    feeds = {k: v.numpy() for k, v in program.example_inputs.items()}
+    got = fused.run(feeds, "decode")
+    ref = program.run(program.example_inputs)
+    np.testing.assert_allclose(got["logits"], ref["logits"].numpy(), atol=1e-4)
+    np.testing.assert_allclose(got["present_key_1"], ref["present_key_1"].numpy(), atol=1e-4)
+
+
+def test_the_cache_stays_in_place(fused):
+    """Every decode step writes into the buffers allocated after the prefill: the same memory,
+    grown by one token per step, and the tokens equal those of the copying loop."""
+    assert fused.runners["decode"].in_place_cache
+    ids, mask = padded_prompt()
+    cache = InPlaceCache(fused.runners["prefill"], fused.runners["decode"], max_new_tokens=6)
+    copied = generate(fused.run, ids, 6, mask, cache=CopiedCache(fused.run))
+    in_place = generate(fused.run, ids, 6, mask, cache=cache)
+    np.testing.assert_array_equal(in_place.ids, copied.ids)
+    buffer = cache.buffers["past_key_0"].numpy()
+    assert buffer.shape[2] == ids.shape[1] + 5  # the last token is never fed back
+    # the buffer holds the copied loop's cache for every token the steps wrote (5 decode steps)
+    np.testing.assert_allclose(buffer[:, :, : ids.shape[1] + 5], _final_cache(fused, ids, mask, 6)["past_key_0"],
+                               atol=1e-5)
+    assert cache.bytes == in_place.kv_cache_bytes > 0
+
+
+def _final_cache(engine, ids, mask, steps):
+    """The copying loop's cache after `steps` tokens (the last step's token is not fed)."""
+    cache = CopiedCache(engine.run)
+    generate(engine.run, ids, steps, mask, cache=cache)
+    return cache.carried
+
+
+def test_int4_weights_are_matmul_nbits_with_reported_fidelity(tiny_decoder, tmp_path):
+    engine = optimize(tiny_decoder, output=tmp_path / "eng", backend_options={"weights": "int4"})
+    ops = op_counts(engine.folder / "decode.onnx")
+    assert ops["com.microsoft:MatMulNBits"] >= 7 and ops["com.microsoft:GroupQueryAttention"] == 2
+    report = (engine.folder / "report.json").read_text()
+    assert '"lossy": true' in report and '"min_cosine"' in report
+
+
+def test_backend_options_are_checked(tiny_decoder, tmp_path):
+    with pytest.raises(UserError, match="int4"):
+        optimize(tiny_decoder, output=tmp_path / "a", backend_options={"weights": "int3"})
+    with pytest.raises(UserError, match="no option"):
+        optimize(tiny_decoder, output=tmp_path / "b", backend_options={"fast": True})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
