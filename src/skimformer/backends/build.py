@@ -163,7 +163,7 @@ def build_engine(model: Model, original: Model, out: Path, *, backend: str = "on
     check_destination(out, force)
     options = dict(backend_options or {})
     checked_backend(backend, options)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, replace=force) as tmp:
         programs = lower_model(model, tmp, backend, progress, options)
         for role, program in model.programs.items():
             program.save(tmp / program_file(role))

@@ -1,19 +1,27 @@
 """Command-line entry points: `skimformer SUBCOMMAND ...` and `optimize ...`.
 
 Exit codes (DESIGN.md): 0 done; 2 bad input or refused request, one line on stderr; 1 an
-internal error or failed parity, with a hint to report it.
+internal error or failed parity, with a hint to report it. Stderr carries skimformer's progress,
+warnings and errors; the libraries' own warnings, logs and progress bars only with --verbose.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 import traceback
+import warnings
 
 from skimformer import __version__
-from skimformer.errors import UserError, VerificationError
+from skimformer.errors import UserError, VerificationError, cause, one_line
 
 BUG_HINT = "this is a skimformer bug: please report it with the command line and the model (set SKIMFORMER_DEBUG=1 for a traceback)"
+LIBRARY_LOGGERS = ("torch", "transformers", "onnxscript", "onnx_ir", "huggingface_hub")
+# Read when transformers and huggingface_hub are first imported, which the commands do lazily.
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+VERBOSE_HELP = "also show the libraries' warnings, logs and progress bars (torch, transformers, onnxscript)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="skimformer", description="A compiler for transformer inference.")
     parser.add_argument("--version", action="version", version=f"skimformer {__version__}")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("optimize", help="rewrite a model with passes and build an engine")
@@ -110,7 +119,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=c.cmd_calibrate)
+    for p in sub.choices.values():  # also after the subcommand; SUPPRESS keeps a --verbose given before it
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
+
+
+@contextlib.contextmanager
+def _libraries_quiet(verbose: bool):
+    """Keep the libraries' warnings (torch's deprecations, transformers' FutureWarnings), logs and
+    progress bars off the terminal for the block, unless `verbose`: skimformer reports what matters
+    itself (Progress), and the rest buries it. Everything is restored after the block."""
+    if verbose:
+        yield
+        return
+    loggers = {name: logging.getLogger(name) for name in LIBRARY_LOGGERS}
+    levels = {name: logger.level for name, logger in loggers.items()}
+    env = {name: os.environ.get(name) for name in QUIET_ENV}
+    os.environ.update(QUIET_ENV)
+    for logger in loggers.values():
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for name, logger in loggers.items():
+            logger.setLevel(levels[name])
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _dispatch(argv: list[str], parser: argparse.ArgumentParser) -> int:
@@ -119,12 +158,13 @@ def _dispatch(argv: list[str], parser: argparse.ArgumentParser) -> int:
     except SystemExit as e:  # --help, --version, usage errors: argparse already printed its line
         return int(e.code or 0)
     try:
-        return args.func(args)
+        with _libraries_quiet(args.verbose):
+            return args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except VerificationError as e:
-        print(f"error: {e}; {BUG_HINT}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}; {BUG_HINT}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
@@ -132,8 +172,7 @@ def _dispatch(argv: list[str], parser: argparse.ArgumentParser) -> int:
     except Exception as e:  # the last line of defence: one line, exit 1, traceback on request
         if os.environ.get("SKIMFORMER_DEBUG"):
             traceback.print_exc()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"internal error: {type(e).__name__}: {first}; {BUG_HINT}", file=sys.stderr)
+        print(f"internal error: {type(e).__name__}: {cause(e) if str(e).strip() else ''}; {BUG_HINT}", file=sys.stderr)
         return 1
 
 

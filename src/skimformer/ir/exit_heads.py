@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from skimformer.atomic import atomic_file
-from skimformer.errors import UserError
+from skimformer.errors import UserError, cause
 
 FORMAT = "skimformer-exit-heads/1"
 KINDS = ("decoder", "encoder")
@@ -114,7 +114,7 @@ class ExitHeads:
                 meta = f.metadata() or {}
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
         except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{path} is not a safetensors file ({str(e).splitlines()[0]}); {HOW_TO_MAKE}") from None
+            raise UserError(f"{path} is not a safetensors file ({cause(e)}); {HOW_TO_MAKE}") from None
         if meta.get("format") != FORMAT:
             raise UserError(f"{path} is not an exit-heads file (format {meta.get('format')!r}, "
                             f"expected {FORMAT!r}); {HOW_TO_MAKE}")
@@ -124,4 +124,4 @@ class ExitHeads:
             return cls(kind=meta["kind"], criterion=meta["criterion"], target_agreement=float(meta["target_agreement"]),
                        adapters={k: (tensors[f"exit.{k}.down"], tensors[f"exit.{k}.up"]) for k in at}, **per_exit)
         except (KeyError, ValueError, TypeError, AttributeError) as e:
-            raise UserError(f"{path} is a damaged exit-heads file ({type(e).__name__}: {e}); {HOW_TO_MAKE}") from None
+            raise UserError(f"{path} is a damaged exit-heads file ({type(e).__name__}: {cause(e)}); {HOW_TO_MAKE}") from None

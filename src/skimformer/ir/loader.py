@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import zipfile
 from pathlib import Path
 
@@ -17,12 +18,11 @@ import sympy
 import torch
 
 import skimformer.kernels  # noqa: F401  (registers the skim ops rewritten programs hold)
-from skimformer.errors import UserError
+from skimformer.errors import UserError, cause
 from skimformer.ir.program import Model, Program
 from skimformer.ir.treespecs import reading_specs
 
-HOW_TO_EXPORT = ("export with `ep = torch.export.export(model, args)` and `torch.export.save(ep, 'model.pt2')`,"
-                 " or run `skimformer export MODEL_DIR -o OUT` on a transformers folder")
+HOW_TO_EXPORT = "save one with torch.export.save(torch.export.export(model, args), PATH) or `skimformer export MODEL_DIR -o OUT`"
 DECODER_FILES = ("prefill.pt2", "decode.pt2")
 TOKENIZER_AND_CONFIG = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                         "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
@@ -60,7 +60,7 @@ def check_archive(path: Path) -> None:
             names = z.namelist()
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise UserError(f"{path} is a damaged archive ({e}): save it again with torch.export.save") from None
+        raise UserError(f"{path} is a damaged archive ({cause(e)}): save it again with torch.export.save") from None
     if bad is not None:
         raise UserError(f"{path} is a damaged archive (entry {bad} is corrupt): save it again with torch.export.save")
     _classify_zip(path, names)
@@ -71,7 +71,7 @@ class _NoPythonObjects:
 
     @staticmethod
     def loads(*_args, **_kwargs):
-        raise UserError("the archive holds a pickled Python object; skimformer loads only tensors and graphs")
+        raise pickle.UnpicklingError("a constant is a pickled Python object")
 
 
 @contextlib.contextmanager
@@ -101,9 +101,11 @@ def load_program(path: str | Path, role: str = "model") -> Program:
             ep = torch.export.load(str(path))
     except UserError:
         raise
+    except pickle.UnpicklingError as e:  # torch's weights-only refusal, or ours
+        raise UserError(f"{path} needs Python objects unpickled ({cause(e)}), which skimformer never does: "
+                        "save the program again with torch.export.save") from None
     except Exception as e:  # torch raises many types for unreadable archives
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} could not be read as an exported program ({first}): {HOW_TO_EXPORT}") from None
+        raise UserError(f"{path} could not be read as an exported program ({cause(e)}): {HOW_TO_EXPORT}") from None
     _drop_expression_ranges(ep)
     return Program(ep=ep, role=role)
 
