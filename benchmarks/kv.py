@@ -68,7 +68,7 @@ import tokens as T  # noqa: E402  (cached exports and engine builds, shared with
 
 import transformers  # noqa: E402
 
-from skimformer.ir.signature import carried_input  # noqa: E402
+from skimformer.backends.teacher_forcing import Decoder, forced_logits  # noqa: E402
 from skimformer.passes.registry import all_passes  # noqa: E402
 from skimformer.zoo import build_model, real, texts  # noqa: E402
 from skimformer.zoo.hf_export import export_model  # noqa: E402
@@ -164,53 +164,7 @@ def weight_bytes(built: T.Built) -> int:
     return int(built.report.get("memory", {}).get("weights_bytes") or 0)
 
 
-# -- a decode loop that threads an engine's state (as Engine.generate does) -----------------------
-
-class Decoder:
-    """Prefill, then decode steps that feed every carried output back (decoder convention).
-
-    `mask` is the mask of the cache the engine holds (the returned `attention_mask` when the
-    program returns one, else the running one); positions count on from the prompt's length.
-    """
-
-    def __init__(self, engine_, ids: np.ndarray):
-        self.engine = engine_
-        batch, n = ids.shape
-        mask = np.ones((batch, n), dtype=np.int64)
-        out = engine_.run({"input_ids": ids, "attention_mask": mask,
-                           "position_ids": np.tile(np.arange(n, dtype=np.int64), (batch, 1))}, "prefill")
-        self.last_logits = out["logits"][:, -1]
-        self._take(out, mask)
-        self.position = n
-
-    def _take(self, out: dict, mask: np.ndarray) -> None:
-        self.carried = {carried_input(k): v for k, v in out.items() if carried_input(k)}
-        self.mask = np.asarray(out["attention_mask"], dtype=np.int64) if "attention_mask" in out else mask
-        self.returns_mask = "attention_mask" in out
-
-    def fork(self) -> "Decoder":
-        other = object.__new__(Decoder)
-        other.__dict__.update(self.__dict__)
-        other.carried = dict(self.carried)
-        return other
-
-    @property
-    def cache_bytes(self) -> int:
-        return sum(v.nbytes for v in self.carried.values())
-
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        """Feed `tokens` [B, k]; returns their logits [B, k, V]."""
-        batch, k = tokens.shape
-        mask = np.concatenate([self.mask, np.ones((batch, k), dtype=np.int64)], axis=1)
-        positions = np.tile(np.arange(self.position, self.position + k, dtype=np.int64), (batch, 1))
-        out = self.engine.run({"input_ids": tokens, "attention_mask": mask, "position_ids": positions,
-                               **self.carried}, "decode")
-        before = self.carried
-        self._take(out, mask)
-        self.grew = {name: (before[name].shape, v.shape) for name, v in self.carried.items() if name in before}
-        self.position += k
-        return out["logits"]
-
+# -- teacher forcing on an engine (skimformer.backends.teacher_forcing) ---------------------------
 
 def chunkable(decoder: Decoder) -> bool:
     """Whether feeding k tokens in one decode step is the same as k steps of one token: a plain
@@ -234,17 +188,12 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def teacher_forced(decoder: Decoder, tokens: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     """Feed `tokens` [B, n] after the prompt (on a fork of `decoder`); returns the argmax at each of the
     n positions and the negative log-likelihood of each token (position 0 is predicted by the prefill)."""
-    d = decoder.fork()
-    preds, nll = [], []
-
-    def score(logits: np.ndarray, j: int) -> None:
+    preds, nll, j = [], [], 0
+    for logits in forced_logits(decoder, tokens, chunk):
         preds.append(logits.argmax(-1))
         target = tokens[:, j:j + logits.shape[1]]
         nll.append(-np.take_along_axis(log_softmax(logits), target[..., None], axis=-1)[..., 0])
-
-    score(d.last_logits[:, None], 0)
-    for j in range(0, tokens.shape[1] - 1, chunk):
-        score(d.step(tokens[:, j:min(j + chunk, tokens.shape[1] - 1)]), j + 1)
+        j += logits.shape[1]
     return np.concatenate(preds, 1), np.concatenate(nll, 1)
 
 
@@ -314,7 +263,7 @@ def speed_section() -> list[tuple]:
         per_name: dict[str, list] = {}
         mask_lens = []
         for n in lengths:
-            d = Decoder(b.engine, ids[:, :n])
+            d = Decoder.prefill(b.engine.run, ids[:, :n])
             for name, v in d.carried.items():
                 per_name.setdefault(name, []).append(v)
             mask_lens.append(d.mask.shape[1])
@@ -447,7 +396,7 @@ def fidelity_section() -> tuple[list[dict], str]:
         progress(f"fidelity: {_label(b.spec)}")
         t0 = time.perf_counter()
         try:
-            d = Decoder(b.engine, prompts)
+            d = Decoder.prefill(b.engine.run, prompts)
             cache[b.spec] = d.cache_bytes / count
             chunk = CHUNK if chunkable(d) else 1
             if b.spec in ("", *agree_specs):
@@ -591,7 +540,7 @@ def flat_section() -> tuple[list[dict], str]:
             rows.append({**row, "note": b.status})
             continue
         progress(f"flat: {_label(spec)}, {steps} greedy tokens on the tiny Llama")
-        d, sizes, t0 = Decoder(b.engine, prompt), [], time.perf_counter()
+        d, sizes, t0 = Decoder.prefill(b.engine.run, prompt), [], time.perf_counter()
         token = d.last_logits.argmax(-1)[:, None]
         for _ in range(steps):
             token = d.step(token)[:, -1].argmax(-1)[:, None].astype(np.int64)

@@ -8,19 +8,11 @@ import numpy as np
 import torch
 
 from skimformer import load
-from skimformer.ir import Model, Program
+from skimformer.backends.teacher_forcing import program_runner as torch_runner  # noqa: F401  (the tests' name)
+from skimformer.ir import Program
 from skimformer.passes import PassManager, pipeline_from
 from skimformer.passes.early_exit import confidence
 from skimformer.zoo import build_model
-
-
-def torch_runner(model: Model):
-    def run(feeds: dict, role: str) -> dict[str, np.ndarray]:
-        program = model.programs[role]
-        inputs = {name: torch.as_tensor(np.asarray(feeds[name])) for name in program.input_names}
-        return {k: v.numpy() for k, v in program.run(inputs).items()}
-
-    return run
 
 
 def hidden_after(hf, prefill: dict, decode: dict, blocks: int) -> torch.Tensor:

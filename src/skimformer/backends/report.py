@@ -9,6 +9,23 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _measured_on(on: dict) -> str:
+    """`fidelity.measured_on` in words."""
+    if "prompt_tokens" in on:
+        return (f"{on['rows']} rows: {on['prompt_tokens']}-token prompts, then {on['decode_steps']} teacher-forced "
+                f"decode steps ({on['inputs']})")
+    return f"{on['rows']} rows of {on['tokens']} tokens ({on['inputs']})"
+
+
+def _fidelity_rows(fidelity: dict) -> list[tuple[str, str]]:
+    """Figures, what they were measured on, and whether each lossy pass acted on it."""
+    rows = [(f"fidelity {key}", f"{value:.4f}") for key, value in fidelity.items() if isinstance(value, float)]
+    if "measured_on" in fidelity:
+        rows.append(("fidelity measured on", _measured_on(fidelity["measured_on"])))
+    rows += [(f"fidelity {name}", status) for name, status in fidelity.get("exercised", {}).items()]
+    return rows
+
+
 def table_rows(report: dict) -> list[tuple[str, str]]:
     rows = [("backend", report["backend"]), ("model", report.get("kind", ""))]
     for p in report["passes"]:
@@ -18,8 +35,7 @@ def table_rows(report: dict) -> list[tuple[str, str]]:
         rows.append(("passes", "none"))
     parity = report["parity"]
     rows.append(("parity vs program", f"max abs {parity['max_abs']:.2e} ({'ok' if parity['ok'] else 'FAILED'})"))
-    for key, value in report.get("fidelity", {}).items():
-        rows.append((f"fidelity {key}", f"{value:.4f}"))
+    rows += _fidelity_rows(report.get("fidelity", {}))
     mem = report["memory"]
     rows.append(("weights", _mb(mem["weights_bytes"])))
     if mem.get("kv_cache_bytes"):

@@ -4,7 +4,8 @@ A decoder calibrates on its prefill program, whose logits cover every prompt pos
 row gives one calibration position per token. By default the rows are cut from the shipped texts
 (`zoo.texts`, public-domain English) with the model's own tokenizer, so a decoder needs nothing
 but itself. An encoder's inputs (images, sentences of some task, another language) cannot be
-guessed: it needs an .npz with one array per program input, rows first.
+guessed: it needs an .npz with one array per program input, rows first. `optimize --data` reads
+its fidelity inputs the same way.
 """
 from __future__ import annotations
 
@@ -25,63 +26,70 @@ NPZ_HINT = "give an .npz with one array per program input, rows first (np.savez(
 Batch = dict[str, torch.Tensor]
 
 
-def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+def read_npz(path: str | Path, what: str = "calibration inputs") -> dict[str, np.ndarray]:
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"{path}: cannot read calibration inputs ({str(e).splitlines()[0]}); {NPZ_HINT}") from None
+        raise UserError(f"{path}: cannot read {what} ({str(e).splitlines()[0]}); {NPZ_HINT}") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise UserError(f"{path} holds a single array, not named arrays; {NPZ_HINT}")
     try:
         with data:
             return {name: data[name] for name in data.files}
     except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"{path}: cannot read calibration inputs ({str(e).splitlines()[0]}); {NPZ_HINT}") from None
+        raise UserError(f"{path}: cannot read {what} ({str(e).splitlines()[0]}); {NPZ_HINT}") from None
 
 
-def text_rows(model: Model, rows: int = ROWS, seq_len: int = SEQ_LEN) -> dict[str, np.ndarray]:
-    """`input_ids [rows, seq_len]`: the start of `rows` different passages of the shipped texts."""
+def text_rows(model: Model, rows: int = ROWS, seq_len: int = SEQ_LEN, tokenizer=None) -> dict[str, np.ndarray]:
+    """`input_ids [rows, seq_len]`: the start of `rows` different passages of the shipped texts,
+    cut with `tokenizer` (default: the model folder's)."""
     from skimformer.zoo.texts import passage  # the zoo imports transformers: only when it is needed
 
-    tokenizer = _tokenizer(model)
+    tokenizer = tokenizer or _tokenizer(model)
     ids = [tokenizer(passage(seq_len, i, tokenizer))["input_ids"][:seq_len] for i in range(rows)]
     return {"input_ids": np.array(ids, dtype=np.int64)}
 
 
-def _tokenizer(model: Model):
+def model_tokenizer(model: Model):
+    """The tokenizer in the model's folder, or None when it has none."""
     folder = model.source
     try:
-        tokenizer = folder_tokenizer(folder) if folder is not None else None
+        return folder_tokenizer(folder) if folder is not None else None
     except (OSError, ValueError) as e:
         raise UserError(f"the tokenizer in {folder} cannot be loaded ({str(e).splitlines()[0]}): {NPZ_HINT}") from None
+
+
+def _tokenizer(model: Model):
+    tokenizer = model_tokenizer(model)
     if tokenizer is None:
-        raise UserError(f"the decoder folder {folder} has no tokenizer files, so calibrate cannot tokenize its "
+        raise UserError(f"the decoder folder {model.source} has no tokenizer files, so calibrate cannot tokenize its "
                         f"texts: {NPZ_HINT}")
     return tokenizer
 
 
-def as_inputs(arrays: dict, program: Program, decoder: bool) -> Batch:
-    """The program's inputs as tensors of its dtypes, all with the same rows. A decoder's prefill
-    may be given `input_ids` alone: no padding, positions counted from each row's first token."""
+def as_inputs(arrays: dict, program: Program, decoder: bool, what: str = "calibration inputs",
+              min_rows: int = 2) -> Batch:
+    """The program's inputs as tensors of its dtypes, all with the same rows (at least `min_rows`:
+    calibration trains on some and holds out others). A decoder's prefill may be given
+    `input_ids` alone: no padding, positions counted from each row's first token."""
     tensors = {name: torch.as_tensor(value) for name, value in arrays.items()}
     if decoder and "input_ids" in tensors:
         mask = tensors.setdefault("attention_mask", torch.ones_like(tensors["input_ids"]))
         tensors.setdefault("position_ids", (mask.long().cumsum(-1) - 1).clamp(min=0))
     missing = [name for name in program.input_names if name not in tensors]
     if missing:
-        raise UserError(f"the calibration inputs lack {', '.join(missing)} (the {program.role} program takes "
+        raise UserError(f"the {what} lack {', '.join(missing)} (the {program.role} program takes "
                         f"{', '.join(program.input_names)}); {NPZ_HINT}")
     dtypes = {name: node.meta["val"].dtype for name, node in zip(program.input_names, program.input_nodes())}
     try:
         inputs = {name: tensors[name].to(dtypes[name]) for name in program.input_names}
     except (TypeError, RuntimeError) as e:
-        raise UserError(f"the calibration inputs cannot be converted to the program's dtypes ({e}); "
+        raise UserError(f"the {what} cannot be converted to the program's dtypes ({e}); "
                         f"{NPZ_HINT}") from None
     rows = {t.shape[0] if t.dim() else 0 for t in inputs.values()}
-    if len(rows) != 1 or min(rows) < 2:
+    if len(rows) != 1 or min(rows) < min_rows:
         shapes = ", ".join(f"{name} {list(t.shape)}" for name, t in inputs.items())
-        raise UserError(f"the calibration inputs need the same number of rows (>= 2: some to train on, some to "
-                        f"hold out) in every array; got {shapes}")
+        raise UserError(f"the {what} need the same number of rows (>= {min_rows}) in every array; got {shapes}")
     return inputs
 
 

@@ -40,12 +40,13 @@ def cmd_optimize(args) -> int:
     options = _backend_options(args)
     checked_backend(args.backend, options)  # a missing optional backend too
     check_destination(Path(args.output), args.force)
+    data = read_npz(args.data, "fidelity inputs") if args.data is not None else None
     progress = Progress()
     model = load(args.model)
     progress(f"loaded {args.model} ({model.kind}: {', '.join(model.programs)})")
     engine, report = optimize_model(model, args.output, pipeline, backend=args.backend, backend_options=options,
                                     measure=args.measure,
-                                    force=args.force, progress=progress, warn=Progress.warn)
+                                    force=args.force, progress=progress, warn=Progress.warn, data=data)
     if args.json:
         _print_json({"output": str(engine.folder), **report})
     else:

@@ -45,6 +45,9 @@ def _add_optimize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mlir-dialect", choices=MLIR_DIALECTS,
                    help="with --backend mlir: the MLIR dialect of the written text (default: linalg-on-tensors)")
     p.add_argument("--measure", action="store_true", help="also time the engine against the unoptimized engine")
+    p.add_argument("--data", help="fidelity inputs: .npz with one array per program input, rows first (default: a "
+                                  "decoder's prompts from the shipped texts, sized so every lossy pass acts; an "
+                                  "encoder's example inputs)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 

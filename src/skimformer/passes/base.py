@@ -3,6 +3,8 @@
 A pass implements `apply(program, config) -> PassResult`. Passes that must see a causal LM's
 prefill and decode programs together (KV compression, prompt pruning) override `apply_model`;
 the default applies `apply` to every program of the model and gathers the reports by role.
+A lossy pass also says what inputs make it act (`exercise`), so that its fidelity is measured
+where it changes something (`passes.fidelity`).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from skimformer.ir import Model, Program
+from skimformer.kernels.tokens import kept_count
 
 
 @dataclass
@@ -27,6 +30,28 @@ class ModelResult:
     model: Model
     report: dict = field(default_factory=dict)
     matched: int = 0
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """The fidelity inputs on which a lossy pass acts: at least `tokens` tokens (a decoder's prompt,
+    an encoder's sequence entering the first block) and `decode` decode steps; for early exits, a
+    measured step must run one of `exits` blocks (leave there). `never` says why no input does
+    (a setting that changes nothing, such as keep=1.0)."""
+
+    tokens: int = 1
+    decode: int = 0
+    exits: tuple[int, ...] = ()
+    never: str = ""
+
+
+def fewest_dropped(keep: float, protect: int, extra: int = 0) -> int:
+    """The fewest tokens of which keeping the `keep` fraction (`protect` always kept, `extra`
+    tokens added, such as a fused one) leaves fewer; `keep` < 1."""
+    n = protect + 1
+    while kept_count(n, keep, protect) + extra >= n:
+        n += 1
+    return n
 
 
 class Pass:
@@ -48,6 +73,10 @@ class Pass:
             matched += result.matched
         report = next(iter(reports.values())) if len(reports) == 1 else reports
         return ModelResult(model.replace(programs), report, matched)
+
+    def exercise(self, config: Any) -> Exercise:
+        """What inputs make this (lossy) pass act; by default any (removing layers, say)."""
+        return Exercise()
 
     @classmethod
     def fields(cls) -> list[dict]:

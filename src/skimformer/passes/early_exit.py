@@ -34,7 +34,7 @@ from skimformer.ir.exit_heads import ExitHeads
 from skimformer.ir.exits import ExitPoint, adapter_input, insert_exits
 from skimformer.ir.rewrite import eliminate_dead_code, reexport
 from skimformer.ir.signature import named_outputs, set_outputs
-from skimformer.passes.base import ModelResult, Pass
+from skimformer.passes.base import Exercise, ModelResult, Pass
 from skimformer.passes.registry import register
 
 NAME = "early-exit"
@@ -152,6 +152,13 @@ class EarlyExit(Pass):
     name = NAME
     Config = EarlyExitConfig
     lossless = False
+
+    def exercise(self, config: EarlyExitConfig) -> Exercise:
+        """A measured step must leave at an exit (run `a + 1` blocks): one that never does computes the original."""
+        plan = ExitPlan.of(config)
+        if all(t >= 1 for t in plan.thresholds.values()):
+            return Exercise(never="a threshold of 1.0 never leaves")
+        return Exercise(decode=1, exits=tuple(a + 1 for a in plan.at))
 
     def apply_model(self, model: Model, config: EarlyExitConfig) -> ModelResult:
         role = "decode" if model.is_decoder else "model"

@@ -43,7 +43,7 @@ from skimformer.ir.graph import shape
 from skimformer.ir.rewrite import tag
 from skimformer.ir.signature import add_input, input_nodes, named_outputs, output_node, set_outputs
 from skimformer.kernels.tokens import default_scale
-from skimformer.passes.base import ModelResult, Pass
+from skimformer.passes.base import Exercise, ModelResult, Pass, fewest_dropped
 from skimformer.passes.kv_rewrite import MASK, cache_bytes, cache_layers, reexport_decoder_program, rewrite_decoder
 from skimformer.passes.registry import register
 
@@ -162,6 +162,15 @@ class KVEvict(Pass):
     name = NAME
     Config = KVEvictConfig
     lossless = False
+
+    def exercise(self, config: KVEvictConfig) -> Exercise:
+        """A prompt longer than the budget (or, with `keep`, than the window and long enough for the
+        fraction to drop a token) is evicted at prefill; decode then runs on what is left."""
+        if config.budget:
+            return Exercise(tokens=config.budget + 1, decode=1)
+        if config.keep == 1:
+            return Exercise(never="keep=1.0 keeps every token")
+        return Exercise(tokens=max(config.window + 1, fewest_dropped(config.keep, 0)), decode=1)
 
     def apply_model(self, model: Model, config: KVEvictConfig) -> ModelResult:
         def rewrite(program: Program, inputs: dict | None, dims: dict | None):

@@ -44,7 +44,7 @@ from skimformer.ir.graph import op_name
 from skimformer.ir.rewrite import tag
 from skimformer.ir.signature import add_input, named_outputs, set_outputs
 from skimformer.kernels import quant  # noqa: F401  (registers the skim ops)
-from skimformer.passes.base import ModelResult, Pass
+from skimformer.passes.base import Exercise, ModelResult, Pass
 from skimformer.passes.kv_rewrite import (CacheLayer, reaches, cache_bytes, cache_layers,
                                           reexport_decoder_program, rewrite_decoder)
 from skimformer.passes.registry import register
@@ -266,6 +266,10 @@ class KVQuant(Pass):
     name = NAME
     Config = KVQuantConfig
     lossless = False
+
+    def exercise(self, config: KVQuantConfig) -> Exercise:
+        """A prompt of `residual + group` tokens quantizes one group at prefill, which decode then reads."""
+        return Exercise(tokens=config.residual + config.group, decode=1)
 
     def apply_model(self, model: Model, config: KVQuantConfig) -> ModelResult:
         def rewrite(program: Program, inputs, dims):

@@ -32,7 +32,7 @@ from skimformer.ir.graph import op_name
 from skimformer.ir.rewrite import tag
 from skimformer.ir.rotary import find_rotary
 from skimformer.ir.signature import add_output, input_nodes, named_outputs, output_node, set_outputs
-from skimformer.passes.base import ModelResult, Pass
+from skimformer.passes.base import Exercise, ModelResult, Pass
 from skimformer.passes.kv_rewrite import MASK, cache_bytes, cache_layers, reexport_decoder_program, rewrite_decoder
 from skimformer.passes.registry import register
 
@@ -109,6 +109,10 @@ class KVWindow(Pass):
     name = NAME
     Config = KVWindowConfig
     lossless = False
+
+    def exercise(self, config: KVWindowConfig) -> Exercise:
+        """A prompt longer than `sink + window` is windowed at prefill, and every decode step evicts again."""
+        return Exercise(tokens=config.sink + config.window + 1, decode=1)
 
     def apply_model(self, model: Model, config: KVWindowConfig) -> ModelResult:
         return rewrite_decoder(model, NAME, _rewrite(config))

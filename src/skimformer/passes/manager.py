@@ -1,8 +1,9 @@
 """PassManager: run a pipeline over a model, re-check shapes after each pass, and verify it.
 
 Lossless passes must reproduce the input program's outputs on its example inputs within
-DESIGN.md's tolerance (max-abs error <= 1e-4 * max(1, max|reference|), fp32); a lossy pass is
-measured instead (cosine of outputs, top-1 agreement), and the figures go into the report.
+DESIGN.md's tolerance (max-abs error <= 1e-4 * max(1, max|reference|), fp32); lossy passes are
+measured instead, on inputs sized so that each of them acts (`passes.fidelity`), and the figures
+go into the report.
 """
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from skimformer.errors import VerificationError
 from skimformer.ir import Model
+from skimformer.passes.fidelity import measure_fidelity
 from skimformer.passes.spec import Step, config_dict
 
 TOLERANCE = 1e-4
@@ -35,21 +38,6 @@ def max_abs_error(reference: dict[str, torch.Tensor], candidate: dict[str, torch
     return worst, ok
 
 
-def fidelity(reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per-output agreement of a lossy rewrite: cosine similarity, and top-1 agreement for
-    outputs whose last axis is a distribution (logits)."""
-    metrics = {}
-    for name, ref in reference.items():
-        got = candidate.get(name)
-        if got is None or not ref.is_floating_point() or got.shape != ref.shape or ref.numel() == 0:
-            continue
-        r, g = ref.double().flatten(), got.double().flatten()
-        metrics[f"{name}.cosine"] = float(torch.nn.functional.cosine_similarity(r, g, dim=0))
-        if name.endswith("logits") and ref.dim() >= 2:
-            metrics[f"{name}.top1_agreement"] = float((ref.argmax(-1) == got.argmax(-1)).double().mean())
-    return metrics
-
-
 @dataclass
 class PassRecord:
     name: str
@@ -69,15 +57,20 @@ def run_model(model: Model) -> dict[str, dict[str, torch.Tensor]]:
 
 
 class PassManager:
-    def __init__(self, pipeline: list[Step], progress: Callable[[str], None] = lambda msg: None):
+    """Runs `pipeline`; `data` (arrays named like the inputs, rows first) replaces the inputs
+    fidelity is measured on."""
+
+    def __init__(self, pipeline: list[Step], progress: Callable[[str], None] = lambda msg: None,
+                 data: dict[str, np.ndarray] | None = None):
         self.pipeline = pipeline
         self.progress = progress
+        self.data = data
 
-    def run(self, model: Model) -> tuple[Model, list[PassRecord], dict[str, float]]:
-        """The rewritten model, a record per pass, and fidelity metrics of lossy passes against the
-        input model."""
+    def run(self, model: Model) -> tuple[Model, list[PassRecord], dict]:
+        """The rewritten model, a record per pass, and the fidelity of its lossy passes against the
+        input model (`passes.fidelity.measure_fidelity`; empty when none matched)."""
         records: list[PassRecord] = []
-        original = run_model(model) if self.pipeline else {}
+        original, lossy = model, []
         for cls, config in self.pipeline:
             self.progress(f"pass {cls.name}")
             before, start = model, time.perf_counter()
@@ -89,13 +82,11 @@ class PassManager:
                 self._verify_lossless(cls.name, before, model)
             records.append(PassRecord(cls.name, config_dict(config), cls.lossless, result.matched,
                                       result.report, time.perf_counter() - start))
-        metrics = {}
-        if any(not r.lossless and r.matched for r in records):
-            rewritten = run_model(model)
-            for role in original:
-                for key, value in fidelity(original[role], rewritten[role]).items():
-                    metrics[key if len(original) == 1 else f"{role}.{key}"] = value
-        return model, records, metrics
+            if not cls.lossless and result.matched:
+                lossy.append((cls.name, cls().exercise(config)))
+        if not lossy:
+            return model, records, {}
+        return model, records, measure_fidelity(original, model, lossy, self.data, self.progress)
 
     @staticmethod
     def _verify_lossless(name: str, before: Model, after: Model) -> None:

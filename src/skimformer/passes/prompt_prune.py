@@ -39,7 +39,7 @@ from skimformer.ir.rewrite import reexport, tag
 from skimformer.ir.signature import add_output, named_outputs, output_node
 from skimformer.ir.shrink import Reduction, shrink_tokens
 from skimformer.ir.token_axis import propagate
-from skimformer.passes.base import ModelResult, Pass, PassResult
+from skimformer.passes.base import Exercise, ModelResult, Pass, PassResult, fewest_dropped
 from skimformer.passes.kv_rewrite import cache_bytes
 from skimformer.passes.registry import register
 from skimformer.passes.token_report import reduce_tokens
@@ -143,6 +143,13 @@ class PromptPrune(Pass):
     name = NAME
     Config = PromptPruneConfig
     lossless = False
+
+    def exercise(self, config: PromptPruneConfig) -> Exercise:
+        """A prompt long enough for `keep` to drop a token: the prefill's last position already reads
+        the kept tokens only (and so does every decode step after it)."""
+        if config.keep == 1:
+            return Exercise(never="keep=1.0 keeps every prompt token")
+        return Exercise(tokens=fewest_dropped(config.keep, config.protect))
 
     def apply(self, program: Program, config: PromptPruneConfig) -> PassResult:
         if MASK in program.output_names:

@@ -26,7 +26,7 @@ from skimformer.ir.graph import shape
 from skimformer.ir.program import Program
 from skimformer.ir.rewrite import reexport
 from skimformer.ir.shrink import Reduction, shrink_tokens
-from skimformer.passes.base import Pass, PassResult
+from skimformer.passes.base import Exercise, Pass, PassResult, fewest_dropped
 from skimformer.passes.registry import register
 from skimformer.passes.token_report import reduce_tokens
 from skimformer.passes.token_select import select_tokens
@@ -100,6 +100,12 @@ class Prune(Pass):
     name = "prune"
     Config = PruneConfig
     lossless = False
+
+    def exercise(self, config: PruneConfig) -> Exercise:
+        """Enough tokens for `keep` (plus the fused token) to leave fewer than there were."""
+        if config.keep == 1:
+            return Exercise(never="keep=1.0 keeps every token")
+        return Exercise(tokens=fewest_dropped(config.keep, config.protect, extra=int(config.fuse)))
 
     def apply(self, program: Program, config: PruneConfig) -> PassResult:
         def rewrite(current: Program) -> tuple[Program, int]:

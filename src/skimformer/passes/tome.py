@@ -35,7 +35,7 @@ from skimformer.ir.rewrite import reexport, refresh_shapes
 from skimformer.ir.shrink import Reduction, shrink_tokens
 from skimformer.ir.token_axis import Axis
 from skimformer.kernels.merge import merge_count
-from skimformer.passes.base import ModelResult, Pass, PassResult
+from skimformer.passes.base import Exercise, ModelResult, Pass, PassResult
 from skimformer.passes.registry import register
 from skimformer.passes.token_report import reduce_tokens
 
@@ -173,6 +173,12 @@ class Tome(Pass):
             raise UserError("tome merges tokens across positions, which breaks a causal decoder's masking; "
                             "use it on encoders, or prompt-prune for decoders")
         return super().apply_model(model, config)
+
+    def exercise(self, config: TomeConfig) -> Exercise:
+        """One pair to merge besides [CLS]; r=0 is the identity check."""
+        if config.r == 0:
+            return Exercise(never="r=0 merges nothing")
+        return Exercise(tokens=2 + int(config.protect_cls))
 
     def apply(self, program: Program, config: TomeConfig) -> PassResult:
         result = reduce_tokens(program, lambda canonical: merge_tokens(canonical, config))
