@@ -31,6 +31,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import THREADS, print_table, setup_threads  # noqa: E402
 
+# This folder's kernels.py would shadow the `kernels` package that transformers probes for.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+
 from skimformer.backends.engine import Engine  # noqa: E402
 from skimformer.backends.generation import CopiedCache  # noqa: E402
 
@@ -38,9 +41,10 @@ CACHE = ROOT / ".cache" / "bench-peers"
 GENAI_PY = ROOT / ".cache" / "genai-venv" / "bin" / "python"
 # skimformer systems: name -> (passes, backend options)
 SKIM = {"none": ("", {}), "portable": ("", {"portable": True}), "int4": ("", {"weights": "int4"}),
-        "kv-quant8": ("kv-quant(bits=8)", {}), "kv-window512": ("kv-window(window=512)", {}),
-        "snapkv0.5": ("kv-evict(policy=snapkv, keep=0.5)", {}), "prompt-prune0.5": ("prompt-prune(keep=0.5)", {}),
-        "int4+kv-quant8": ("kv-quant(bits=8)", {"weights": "int4"})}
+        "kv-quant8": ("kv-quant(scheme=channel, bits=8)", {}), "kv-quant4": ("kv-quant(scheme=channel, bits=4)", {}),
+        "kv-window512": ("kv-window(window=512)", {}), "snapkv0.5": ("kv-evict(policy=snapkv, keep=0.5)", {}),
+        "prompt-prune0.5": ("prompt-prune(keep=0.5)", {}),
+        "int4+kv-quant8": ("kv-quant(scheme=channel, bits=8)", {"weights": "int4"})}
 GENAI = {"genai-fp32": "fp32", "genai-int4": "int4"}
 
 

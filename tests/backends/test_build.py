@@ -56,6 +56,18 @@ def test_measure_reports_speed(exported, tmp_path):
     assert speed["ratio"] == pytest.approx(speed["baseline_ms"] / speed["optimized_ms"], rel=0.01)
 
 
+def test_measure_times_a_decoder_as_it_is_used(tiny_decoder, tmp_path):
+    """Prefill of a realistic prompt and decode tokens/s at that context, each against the
+    unoptimized engine: not one example step with prefill and decode added up."""
+    optimize(tiny_decoder, "kv-quant(scheme=channel, bits=8)", output=tmp_path / "eng", measure=True)
+    report = json.loads((tmp_path / "eng" / "report.json").read_text())
+    prefill, decode = report["speed"]["prefill"], report["speed"]["decode"]
+    assert prefill["prompt_tokens"] == decode["context_tokens"] == 512 and decode["tokens"] == 31
+    assert prefill["ratio"] == pytest.approx(prefill["baseline_ms"] / prefill["optimized_ms"], rel=0.01)
+    assert decode["ratio"] == pytest.approx(decode["optimized_tokens_per_s"] / decode["baseline_tokens_per_s"], rel=0.01)
+    assert "decode speed" in (tmp_path / "eng" / "report.md").read_text()
+
+
 def test_decoder_engine_generates_like_torch(tiny_decoder, tmp_path):
     engine = optimize(tiny_decoder, output=tmp_path / "eng")
     assert sorted(engine.roles) == ["decode", "prefill"]

@@ -4,6 +4,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from skimformer import Engine, UserError, load, optimize
@@ -36,7 +37,7 @@ def padded_prompt(rows=3, length=9, pad=(0, 4, 2)):
 
 
 def test_decoder_engines_hold_fused_attention_and_norms(fused):
-    layers = len(load(fused.folder / "decode.pt2").programs["decode"].ep.graph_signature.user_outputs) // 2
+    layers = 2  # the zoo's tiny Llama
     for role in ("prefill", "decode"):
         ops = op_counts(fused.folder / f"{role}.onnx")
         assert ops["com.microsoft:GroupQueryAttention"] == layers
@@ -104,4 +105,30 @@ def test_backend_options_are_checked(tiny_decoder, tmp_path):
         optimize(tiny_decoder, output=tmp_path / "a", backend_options={"weights": "int3"})
     with pytest.raises(UserError, match="no option"):
         optimize(tiny_decoder, output=tmp_path / "b", backend_options={"fast": True})
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(UserError, match="install onnxruntime-gpu"):
+            optimize(tiny_decoder, output=tmp_path / "c", backend_options={"provider": "cuda"})
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_the_report_says_which_execution_provider_ran(fused):
+    report = (fused.folder / "report.json").read_text()
+    assert f'"execution_provider": "{fused.runners["decode"].provider}"' in report
+    assert fused.runners["decode"].provider in ort.get_available_providers()
+
+
+@pytest.mark.parametrize("spec, fused_roles", [
+    ("prompt-prune(layer=0, keep=0.5)", {"decode"}),
+    ("kv-evict(policy=snapkv, keep=0.5, window=4)", {"decode"}),
+    ("self-speculate(exit=1, draft=2)", {"prefill", "decode", "draft", "verify"}),
+])
+def test_passes_whose_decode_cache_grows_plainly_decode_fused(tiny_decoder, tmp_path, spec, fused_roles):
+    """Prompt pruning and prefill-time eviction leave a plain growing cache to decode on, and a
+    self-speculative engine's draft and verify programs each grow their layers' caches: all of
+    them run GroupQueryAttention, and the engine still generates what its programs do."""
+    engine = optimize(tiny_decoder, spec, output=tmp_path / "eng")
+    for role in fused_roles:
+        assert op_counts(engine.folder / f"{role}.onnx")["com.microsoft:GroupQueryAttention"] >= 1, role
+    ids, mask = padded_prompt(rows=1, pad=(0,))
+    want = generate(torch_runner(load(engine.folder)), ids, 8, mask).ids
+    np.testing.assert_array_equal(engine.generate(ids, 8, mask), want)

@@ -36,7 +36,8 @@ class Engine:
         self.folder = Path(folder)
         self.manifest = manifest
         backend = self.backend = backend_module(manifest["backend"])
-        self.runners = {role: backend.Runner(self.folder / spec["engine"])
+        options = getattr(backend, "runner_options", lambda _: {})(manifest.get("backend_options") or {})
+        self.runners = {role: backend.Runner(self.folder / spec["engine"], **options)
                         for role, spec in manifest["programs"].items()}
 
     @classmethod

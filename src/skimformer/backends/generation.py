@@ -71,10 +71,17 @@ class Generation:
     seconds: float
     steps: int  # decode steps run
     extra: dict = field(default_factory=dict)
+    prefill_seconds: float = 0.0  # of `seconds`
 
     @property
     def tokens_per_s(self) -> float:
         return self.ids.size / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens the decode steps produced per second of decoding (the prefill's token excluded)."""
+        decoding = self.seconds - self.prefill_seconds
+        return self.ids.shape[0] * (self.ids.shape[1] - 1) / decoding if decoding > 0 else 0.0
 
 
 @dataclass
@@ -151,6 +158,7 @@ def generate(run: Callable[[dict, str], dict], prompt_ids, max_new_tokens: int, 
     choose = (sampling or Sampling()).chooser()
     start = time.perf_counter()
     outputs = cache.step({"input_ids": prompt.ids, MASK: prompt.mask, "position_ids": prompt.positions}, "prefill")
+    prefill_seconds = time.perf_counter() - start
     mask, rows = prompt.mask, prompt.ids.shape[0]
     generated, finish = [], Finisher(rows, eos_token_id)
     next_pos = prompt.positions[:, -1:] + 1
@@ -170,4 +178,4 @@ def generate(run: Callable[[dict, str], dict], prompt_ids, max_new_tokens: int, 
     extra = {"mean_exit_layer": float(np.mean(depths)),
              "exit_histogram": {str(d): depths.count(d) for d in sorted(set(depths))}} if depths else {}
     return Generation(np.stack(generated, axis=1), cache.bytes, time.perf_counter() - start,
-                      len(generated) - 1, extra)
+                      len(generated) - 1, extra, prefill_seconds)

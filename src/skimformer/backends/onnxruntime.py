@@ -26,19 +26,44 @@ SAME_AS_INPUT = ":output"
 
 
 def _quiet():
-    return quiet(("torch.onnx", "onnxscript", "torch.export"))
+    return quiet(("torch.onnx", "onnxscript", "torch.export", "onnxruntime.quantization.matmul_nbits_quantizer"))
 
 
 WEIGHTS = {"int8": 8, "int4": 4}
 WEIGHT_BLOCK = 32  # weights per quantization scale, as ONNX Runtime's LLM builder uses on CPU
 
 
-def require(portable: bool = False, weights: str | None = None, **unknown) -> None:
+PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def require(portable: bool = False, weights: str | None = None, provider: str = "auto", **unknown) -> None:
     """Refuse options this backend does not have before any work is done."""
     if unknown:
-        raise UserError(f"the onnxruntime backend has no option {', '.join(unknown)}: it takes portable and weights")
+        raise UserError(f"the onnxruntime backend has no option {', '.join(unknown)}: it takes portable, weights "
+                        "and provider")
     if weights is not None and weights not in WEIGHTS:
         raise UserError(f"--weights {weights} is not a weight format: use {' or '.join(WEIGHTS)}")
+    execution_providers(provider)
+
+
+def execution_providers(provider: str = "auto") -> list[str]:
+    """ONNX Runtime's providers for `provider`: `auto` takes CUDA when onnxruntime-gpu offers it."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider == "auto":
+        return [PROVIDERS["cuda"], PROVIDERS["cpu"]] if PROVIDERS["cuda"] in available else [PROVIDERS["cpu"]]
+    if provider not in PROVIDERS:
+        raise UserError(f"--provider {provider} is not an execution provider: use auto, {' or '.join(PROVIDERS)}")
+    if PROVIDERS[provider] not in available:
+        raise UserError(f"--provider {provider}: this ONNX Runtime has no {PROVIDERS[provider]} (it has "
+                        f"{', '.join(available)}); install onnxruntime-gpu for cuda")
+    return [PROVIDERS[provider], PROVIDERS["cpu"]]
+
+
+def runner_options(backend_options: dict) -> dict:
+    """What an engine's Runner takes from the options it was built with."""
+    return {"provider": backend_options.get("provider", "auto")}
 
 
 def lossy(weights: str | None = None, **_) -> bool:
@@ -46,7 +71,7 @@ def lossy(weights: str | None = None, **_) -> bool:
     return weights is not None
 
 
-def lower(program: Program, path: Path, portable: bool = False, weights: str | None = None) -> None:
+def lower(program: Program, path: Path, portable: bool = False, weights: str | None = None, provider: str = "auto") -> None:
     """Write `program` as an ONNX model at `path`: with ONNX Runtime's fused kernels selected,
     or in standard ONNX alone when `portable`; with matmul weights quantized to `weights`."""
     lowered, translations, table = program, None, decompositions()
@@ -66,9 +91,16 @@ def lower(program: Program, path: Path, portable: bool = False, weights: str | N
 def quantize_weights(path: Path, bits: int) -> None:
     """Quantize every matmul with a constant weight to `MatMulNBits` (blockwise, symmetric) with
     ONNX Runtime's own quantizer; `accuracy_level=4` lets its CPU kernel compute in int8."""
+    import logging
+
     import onnx
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    root.setLevel(level)  # the quantizer's module configures the root logger at INFO when imported
+    root.handlers[:] = handlers
     model = onnx.load(str(path))
     with _quiet():
         quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=WEIGHT_BLOCK, is_symmetric=True,
@@ -117,14 +149,15 @@ def _type_untyped_values(model, ep: torch.export.ExportedProgram) -> None:
 class Runner:
     """One ONNX Runtime session, fed and read by name."""
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, provider: str = "auto"):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), options, providers=execution_providers(provider))
+        self.provider = self.session.get_providers()[0]
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name.removesuffix(SAME_AS_INPUT) for o in self.session.get_outputs()]
         self.in_place_cache = _cache_in_place(path)

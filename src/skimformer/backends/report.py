@@ -42,7 +42,14 @@ def table_rows(report: dict) -> list[tuple[str, str]]:
         rows.append(("kv cache (example step)", _mb(mem["kv_cache_bytes"])))
     if "speed" in report:
         s = report["speed"]
-        rows.append(("speed", f"{s['baseline_ms']:.2f} ms -> {s['optimized_ms']:.2f} ms ({s['ratio']:.2f}x)"))
+        if "decode" in s:  # a decoder: prefill and decode at a realistic prompt
+            p, d = s["prefill"], s["decode"]
+            rows.append(("prefill speed", f"{p['prompt_tokens']} tokens: {p['baseline_ms']:.0f} ms -> "
+                                          f"{p['optimized_ms']:.0f} ms ({p['ratio']:.2f}x)"))
+            rows.append(("decode speed", f"at {d['context_tokens']} tokens: {d['baseline_tokens_per_s']:.1f} -> "
+                                         f"{d['optimized_tokens_per_s']:.1f} tok/s ({d['ratio']:.2f}x)"))
+        else:
+            rows.append(("speed", f"{s['baseline_ms']:.2f} ms -> {s['optimized_ms']:.2f} ms ({s['ratio']:.2f}x)"))
     for note in report.get("notes", []):
         rows.append(("note", note))
     return rows

@@ -47,6 +47,7 @@ def speculate(run: Callable[[dict, str], dict], prompt_ids, max_new_tokens: int,
     prompt = Prompt.of(prompt_ids, attention_mask, max_new_tokens)
     start = time.perf_counter()
     out = prompt.prefill(run)
+    prefill_seconds = time.perf_counter() - start
     cache = {carried_input(k): v for k, v in out.items() if carried_input(k)}
     rows = prompt.ids.shape[0]
     finish = Finisher(rows, eos_token_id)
@@ -78,4 +79,5 @@ def speculate(run: Callable[[dict, str], dict], prompt_ids, max_new_tokens: int,
         drafted, kept, rounds = drafted + draft, kept + n, rounds + 1
     ids = np.stack(generated[:max_new_tokens], axis=1)
     extra = {"acceptance": kept / drafted if drafted else 0.0, "rounds": rounds, "draft": draft}
-    return Generation(ids, int(sum(v.nbytes for v in cache.values())), time.perf_counter() - start, rounds, extra)
+    return Generation(ids, int(sum(v.nbytes for v in cache.values())), time.perf_counter() - start, rounds, extra,
+                      prefill_seconds)

@@ -27,12 +27,22 @@ def _print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, default=str) + "\n")
 
 
+BACKEND_FLAGS = {"mlir_dialect": ("mlir", "dialect"), "portable": ("onnxruntime", "portable"),
+                 "weights": ("onnxruntime", "weights"), "provider": ("onnxruntime", "provider")}
+
+
 def _backend_options(args) -> dict:
-    if args.mlir_dialect is None:
-        return {}
-    if args.backend != "mlir":
-        raise UserError(f"--mlir-dialect is an option of --backend mlir, not of {args.backend}: drop it or add --backend mlir")
-    return {"dialect": args.mlir_dialect}
+    """The options of the chosen backend; a flag of another backend is refused."""
+    options = {}
+    for flag, (backend, option) in BACKEND_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None or value is False:
+            continue
+        if args.backend != backend:
+            name = "--" + flag.replace("_", "-")
+            raise UserError(f"{name} is an option of --backend {backend}, not of {args.backend}: drop it or add --backend {backend}")
+        options[option] = value
+    return options
 
 
 def cmd_optimize(args) -> int:

@@ -44,6 +44,13 @@ def _add_optimize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="engine to build (default: onnxruntime)")
     p.add_argument("--mlir-dialect", choices=MLIR_DIALECTS,
                    help="with --backend mlir: the MLIR dialect of the written text (default: linalg-on-tensors)")
+    p.add_argument("--portable", action="store_true",
+                   help="with --backend onnxruntime: standard ONNX ops only, no fused contrib kernels (for runtimes without them)")
+    p.add_argument("--weights", choices=("int8", "int4"),
+                   help="with --backend onnxruntime: quantize matmul weights (MatMulNBits, lossy: the report gives fidelity)")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"),
+                   help="with --backend onnxruntime: the execution provider engines run on (default auto: CUDA when "
+                        "onnxruntime-gpu is installed, else CPU); the report says which ran")
     p.add_argument("--measure", action="store_true", help="also time the engine against the unoptimized engine")
     p.add_argument("--data", help="fidelity inputs: .npz with one array per program input, rows first (default: a "
                                   "decoder's prompts from the shipped texts, sized so every lossy pass acts; an "

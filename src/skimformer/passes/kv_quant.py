@@ -44,6 +44,7 @@ from skimformer.ir.graph import op_name
 from skimformer.ir.rewrite import tag
 from skimformer.ir.signature import add_input, named_outputs, set_outputs
 from skimformer.kernels import quant  # noqa: F401  (registers the skim ops)
+from skimformer.passes import kv_quant_channel
 from skimformer.passes.base import Exercise, ModelResult, Pass
 from skimformer.passes.kv_rewrite import (CacheLayer, reaches, cache_bytes, cache_layers,
                                           reexport_decoder_program, rewrite_decoder)
@@ -58,13 +59,22 @@ ORDER = ("put kv-quant after passes that only shorten the prefill's cache (promp
 skim = torch.ops.skim
 
 
+SCHEMES = ("kivi", "channel")
+
+
 @dataclass
 class KVQuantConfig:
     bits: int = 4
     group: int = 32
     residual: int = 128
+    scheme: str = "kivi"
 
     def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be kivi (exact KIVI, any backend) or channel (per-channel scales, ONNX "
+                             f"Runtime's fused quantized cache); got {self.scheme}")
+        if self.scheme == "channel" and self.bits not in (4, 8):
+            raise ValueError(f"scheme=channel takes bits 8 or 4; got {self.bits}")
         if self.bits not in (2, 4, 8):
             raise ValueError(f"bits must be 8, 4 or 2; got {self.bits}")
         if self.group < 1:
@@ -268,20 +278,29 @@ class KVQuant(Pass):
     lossless = False
 
     def exercise(self, config: KVQuantConfig) -> Exercise:
-        """A prompt of `residual + group` tokens quantizes one group at prefill, which decode then reads."""
+        """KIVI: a prompt of `residual + group` tokens quantizes one group at prefill, which decode
+        then reads; the channel scheme quantizes every token."""
+        if config.scheme == "channel":
+            return Exercise(tokens=2, decode=1)
         return Exercise(tokens=config.residual + config.group, decode=1)
 
     def apply_model(self, model: Model, config: KVQuantConfig) -> ModelResult:
+        scales = kv_quant_channel.calibrate(model, config.bits) if config.scheme == "channel" else None
+
         def rewrite(program: Program, inputs, dims):
-            if inputs is None:
+            if scales is not None:
+                new = kv_quant_channel.quantize_program(program, scales, config.bits, NAME, inputs, dims)
+            elif inputs is None:
                 new = _quantize_prefill(program, config)
             else:
                 new = _quantize_decode(program, config, inputs, dims)
             # on each program's own examples: the decode program's continue the rewritten prefill's
             before = cache_bytes(program.run(program.example_inputs))
             after = cache_bytes(new.run(new.example_inputs))
-            report = {"bits": config.bits, "group": config.group, "residual": config.residual,
-                      "layers": sum(n.startswith("present_key_scale_") for n in new.output_names),
+            report = {"scheme": config.scheme, "bits": config.bits,
+                      **({"group": config.group, "residual": config.residual} if scales is None else {}),
+                      "layers": len(scales) if scales is not None else
+                      sum(n.startswith("present_key_scale_") for n in new.output_names),
                       "kv_cache_bytes": {"before": before, "after": after,
                                          "ratio": round(after / before, 4) if before else None}}
             return new, report

@@ -61,8 +61,9 @@ def cache_layers(module: fx.GraphModule, pass_name: str) -> list[CacheLayer]:
     outputs, inputs = named_outputs(module), input_nodes(module)
     sites = find_attention(module.graph)
     layers = []
-    i = 0
-    while f"present_key_{i}" in outputs:
+    # every layer the program returns a cache for: a verify program's start after the draft's
+    for i in sorted(int(name.removeprefix("present_key_")) for name in outputs
+                    if name.startswith("present_key_") and name.removeprefix("present_key_").isdigit()):
         key, value = outputs[f"present_key_{i}"], outputs.get(f"present_value_{i}")
         if value is None:
             raise UserError(f"{pass_name}: the program returns present_key_{i} without present_value_{i}")
@@ -74,7 +75,6 @@ def cache_layers(module: fx.GraphModule, pass_name: str) -> list[CacheLayer]:
             raise UserError(f"{pass_name}: no attention reads the cache of layer {i} (present_key_{i}) as it is "
                             "written; export the model with `skimformer export`")
         layers.append(CacheLayer(i, key, value, inputs.get(f"past_key_{i}"), inputs.get(f"past_value_{i}"), site))
-        i += 1
     if not layers:
         raise UserError(f"{pass_name}: the program returns no present_key_*/present_value_* cache outputs "
                         "(decoder convention: export the model with `skimformer export`)")
