@@ -26,17 +26,20 @@ def fuse_norms(model) -> dict[str, int]:
 
 
 def past_length_from_mask(model) -> int:
-    """Replace every read of a `past_*` input's token count with `len(mask) - len(input_ids)`;
-    returns how many were replaced."""
+    """Replace every read of the token count of a cache input that GroupQueryAttention updates with
+    `len(mask) - len(input_ids)`; returns how many were replaced."""
     import onnx_ir as ir
 
     graph = model.graph
     inputs = {v.name: v for v in graph.inputs}
     if MASK not in inputs or IDS not in inputs:
         return 0
+    # only caches GroupQueryAttention reads: another cache's size (KIVI's codes and tail) is not the past length
+    caches = {value.name for node in graph if node.op_type == "GroupQueryAttention"
+              for value in node.inputs[3:5] if value is not None and value.name in inputs}
     replaced = 0
     for node in list(graph):
-        if node.op_type != "Shape" or node.domain != "" or not node.inputs[0].name.startswith("past_"):
+        if node.op_type != "Shape" or node.domain != "" or node.inputs[0].name not in caches:
             continue
         start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", None)
         if (start, end) != (2, 3):
