@@ -116,7 +116,7 @@ class SkimSystem:
         return (time.perf_counter() - start) * 1e3
 
     def decode(self, ids: np.ndarray, steps: int) -> tuple[float, np.ndarray]:
-        cache = self._session(steps)
+        cache = self._session(steps + 1)  # room for `steps` fed tokens
         out = cache.step(_prompt_feeds(ids), "prefill")
         rows, mask = ids.shape[0], np.asarray(out.get("attention_mask", np.ones_like(ids)), dtype=np.int64)
         position, tokens = ids.shape[1], []
@@ -154,14 +154,14 @@ def _prompt_feeds(ids: np.ndarray) -> dict:
 
 
 def text_ids(tokens: int, batch: int) -> np.ndarray:
-    """`batch` rows of `tokens` real-text token ids (shipped texts, the model's tokenizer)."""
+    """`batch` rows of `tokens` real-text token ids (passages of the shipped texts, the model's tokenizer)."""
     from skimformer.zoo import real, texts
 
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(real.smollm2_dir(), local_files_only=True)
-    ids = tok(texts.corpus()[: tokens * 8 * batch])["input_ids"]
-    return np.array([ids[i * tokens:(i + 1) * tokens] for i in range(batch)], dtype=np.int64)
+    rows = [tok(texts.passage(tokens, row, tok))["input_ids"][:tokens] for row in range(batch)]
+    return np.array(rows, dtype=np.int64)
 
 
 def rounds(systems: dict, measure, repeats: int) -> dict[str, float]:

@@ -65,3 +65,23 @@ def test_channel_scheme_takes_8_or_4_bits_and_a_plain_cache(tiny_decoder):
         pipeline_from("kv-quant(scheme=tensor)")
     with pytest.raises(UserError, match="plain growing cache"):
         optimize(tiny_decoder, "kv-window(sink=2, window=4); kv-quant(scheme=channel, bits=8)")
+
+
+def test_rounded_parity_is_judged_at_the_scale_of_one_code():
+    """Another runtime's last-bit float differences flip some codes by one step, which then
+    moves the floats after them: checked by cosine and the share of identical codes."""
+    from skimformer.backends.build import _compare_rounded
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 50)
+    codes = torch.randint(-100, 100, (2, 3, 40, 8), dtype=torch.int8)
+    flipped = codes.clone()
+    flipped.view(-1)[::10] += 1  # a tenth of the codes one step off
+    near = {"logits": (logits + 1e-3 * torch.randn_like(logits)).numpy(), "present_key_0": flipped.numpy()}
+    check = _compare_rounded({"logits": logits, "present_key_0": codes}, near)
+    assert check["ok"] and check["rounded"]["codes_identical"] == pytest.approx(0.9, abs=0.01)
+    far = {"logits": torch.randn_like(logits).numpy(), "present_key_0": codes.numpy()}
+    assert not _compare_rounded({"logits": logits, "present_key_0": codes}, far)["ok"]
+    flipped.view(-1)[::2] += 1
+    assert not _compare_rounded({"logits": logits, "present_key_0": codes},
+                                {"logits": logits.numpy(), "present_key_0": flipped.numpy()})["ok"]
