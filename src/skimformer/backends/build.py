@@ -21,7 +21,7 @@ from skimformer.backends.registry import backend_module, checked_backend
 from skimformer.backends.report import write_reports
 from skimformer.atomic import atomic_folder
 from skimformer.errors import UserError, VerificationError
-from skimformer.ir import Model
+from skimformer.ir import Model, Program
 from skimformer.passes.manager import max_abs_error
 
 Progress = Callable[[str], None]
@@ -48,7 +48,8 @@ def lower_model(model: Model, folder: Path, backend: str, progress: Progress,
         progress(f"lowering {role} to {backend}")
         extra = module.lower(program, folder / engine_file, **(options or {})) or {}
         programs[role] = {"engine": engine_file, "program": program_file(role),
-                          "inputs": program.input_specs(), "outputs": program.output_specs()}
+                          "inputs": program.input_specs(), "sizes": program.size_ranges(),
+                          "outputs": program.output_specs()}
         if extra:
             programs[role]["extra_files"] = extra
     return programs
@@ -80,24 +81,36 @@ def _cosines(want: dict, got: dict) -> dict[str, float]:
     return out
 
 
+def _compare(program: Program, role: str, engine: Engine, inputs: dict[str, torch.Tensor], lossy: bool) -> dict:
+    """One run of the engine against its program: `{max_abs, ok}`, judged by cosine when lossy."""
+    want = program.run(inputs)
+    got = engine.run(inputs, role)
+    err, good = max_abs_error(want, {k: torch.from_numpy(np.asarray(v)) for k, v in got.items()})
+    if not lossy:
+        return {"max_abs": err, "ok": good}
+    cosines = _cosines(want, got)
+    first = cosines.get(program.output_names[0], 1.0)
+    return {"max_abs": err, "ok": first >= LOSSY_FLOOR, f"{program.output_names[0]}_cosine": first,
+            "min_cosine": min(cosines.values(), default=1.0)}
+
+
 def parity(model: Model, engine: Engine, lossy: bool = False) -> dict:
-    """Engine against its programs on the example inputs (DESIGN.md tolerance). An engine the
-    backend builds lossy on purpose (quantized weights) is measured instead: it passes while its
-    first output's (the logits') cosine to the program's stays above LOSSY_FLOOR; the report also
+    """Engine against its programs on the example inputs (DESIGN.md tolerance), and again on
+    inputs of another shape that the program takes (`Signature.another_shape`: one more row,
+    one token fewer), where a toolchain that miscompiles other sizes shows. An engine the backend
+    builds lossy on purpose (quantized weights) is measured instead: it passes while its first
+    output's (the logits') cosine to the program's stays above LOSSY_FLOOR; the report also
     gives the lowest cosine over every output (a deep layer's cache drifts most)."""
     per_role, worst, ok = {}, 0.0, True
     for role, program in model.programs.items():
-        want = program.run(program.example_inputs)
-        got = engine.run(program.example_inputs, role)
-        err, good = max_abs_error(want, {k: torch.from_numpy(np.asarray(v)) for k, v in got.items()})
-        per_role[role] = {"max_abs": err, "ok": good}
-        if lossy:
-            cosines = _cosines(want, got)
-            first = cosines.get(program.output_names[0], 1.0)
-            good = first >= LOSSY_FLOOR
-            per_role[role] = {"max_abs": err, "ok": good, f"{program.output_names[0]}_cosine": first,
-                              "min_cosine": min(cosines.values(), default=1.0)}
-        worst, ok = max(worst, err), ok and good
+        check = per_role[role] = _compare(program, role, engine, program.example_inputs, lossy)
+        other = engine.signatures[role].another_shape({k: v.numpy() for k, v in program.example_inputs.items()})
+        if other is not None:
+            second = _compare(program, role, engine, {k: torch.from_numpy(v) for k, v in other.items()}, lossy)
+            check["other_shape"] = {"inputs": {k: list(v.shape) for k, v in other.items()}, **second}
+            check["ok"] = check["ok"] and second["ok"]
+            worst = max(worst, second["max_abs"])
+        worst, ok = max(worst, check["max_abs"]), ok and check["ok"]
     return {"max_abs": worst, "ok": ok, **({"lossy": True} if lossy else {}), "programs": per_role}
 
 

@@ -3,11 +3,14 @@ loop that owns the cache and state between steps is `backends.generation`)."""
 from __future__ import annotations
 
 import json
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from skimformer.backends.generation import Generation, Sampling, generate
+from skimformer.backends.generation import Generation, Prompt, Sampling, generate
+from skimformer.backends.input_check import Signature
 from skimformer.backends.registry import backend_module
 from skimformer.backends.speculation import speculate
 from skimformer.errors import UserError
@@ -39,6 +42,8 @@ class Engine:
         options = getattr(backend, "runner_options", lambda _: {})(manifest.get("backend_options") or {})
         self.runners = {role: backend.Runner(self.folder / spec["engine"], **options)
                         for role, spec in manifest["programs"].items()}
+        self.signatures = {role: Signature.of(role, spec) for role, spec in manifest["programs"].items()}
+        self._generating = threading.local()
 
     @classmethod
     def load(cls, folder: str | Path) -> "Engine":
@@ -73,14 +78,29 @@ class Engine:
         with np.load(self.folder / EXAMPLES) as data:
             return {k.removeprefix(f"{role}."): data[k] for k in data.files if k.startswith(f"{role}.")}
 
+    def check_inputs(self, inputs: dict, program: str | None = None) -> None:
+        """Refuse (UserError, one line) inputs that the program does not take (`input_check`)."""
+        self.signatures[self._role(program)].check({k: _as_numpy(v) for k, v in inputs.items()})
+
     def run(self, inputs: dict, program: str | None = None) -> dict[str, np.ndarray]:
-        """Run one program (the first by default) on named inputs (numpy arrays or tensors)."""
+        """Run one program (the first by default) on named inputs (numpy arrays or tensors),
+        checked first: the runtimes would compute garbage on inputs the program does not take.
+        The steps of the engine's own decoding loop skip the check: they follow from a prompt
+        checked once, and a draft step is handed the whole cache."""
         role = self._role(program)
-        runner = self.runners[role]
-        missing = [n for n in runner.input_names if n not in inputs]
-        if missing:
-            raise UserError(f"inputs are missing {', '.join(missing)}; the {role} program takes {', '.join(runner.input_names)}")
-        return runner.run({k: _as_numpy(v) for k, v in inputs.items()})
+        feeds = {k: _as_numpy(v) for k, v in inputs.items()}
+        if not getattr(self._generating, "active", False):
+            self.signatures[role].check(feeds)
+        return self.runners[role].run(feeds)
+
+    @contextmanager
+    def _own_steps(self):
+        """While the engine generates, in this thread, `run` leaves its steps unchecked."""
+        self._generating.active = True
+        try:
+            yield
+        finally:
+            self._generating.active = False
 
     def generate(self, prompt_ids, max_new_tokens: int = 32, attention_mask=None,
                  eos_token_id: int | None = None, sampling: Sampling | None = None) -> np.ndarray:
@@ -89,9 +109,17 @@ class Engine:
 
     def generate_with_stats(self, prompt_ids, max_new_tokens: int = 32, attention_mask=None,
                             eos_token_id: int | None = None, sampling: Sampling | None = None) -> Generation:
-        """Like `generate`, with the cache bytes held at the end and the speed."""
+        """Like `generate`, with the cache bytes held at the end and the speed. The prompt is
+        checked once, as the prefill program's inputs (too few tokens for a pass, too many for a
+        static export)."""
         if not self.is_decoder:
             raise UserError("generate needs a decoder engine (prefill and decode programs)")
+        Prompt.of(prompt_ids, attention_mask, max_new_tokens).prefill(self.check_inputs)
+        with self._own_steps():
+            return self._generate(prompt_ids, max_new_tokens, attention_mask, eos_token_id, sampling)
+
+    def _generate(self, prompt_ids, max_new_tokens: int, attention_mask, eos_token_id: int | None,
+                  sampling: Sampling | None) -> Generation:
         if "draft" in self.runners and "verify" in self.runners:
             if sampling is not None and sampling.temperature > 0:
                 raise UserError("this engine decodes self-speculatively, which reproduces greedy decoding: "

@@ -10,9 +10,14 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
+from torch.utils._sympy.numbers import int_oo
 
 from skimformer.ir.example_inputs import synthesize_inputs
-from skimformer.ir.sizes import describe_size
+from skimformer.ir.sizes import describe_size, to_expr
+
+# torch.export specialises sizes 0 and 1 while tracing, so a dynamic size's range starts at 2 by
+# default; the program accepts 0 and 1 all the same (torch checks only lower bounds above 2).
+DEFAULT_LOWER_BOUND = 2
 
 
 def _key_name(path) -> str:
@@ -83,6 +88,22 @@ class Program:
 
     def output_specs(self) -> list[dict]:
         return self._specs(self.output_nodes(), self.output_names)
+
+    def size_ranges(self) -> dict[str, dict]:
+        """`{symbol: {"min": int, "max": int | None}}` for each size symbol in the input shapes,
+        from the export's range constraints: what an engine checks its inputs against, since the
+        runtimes it lowers to check nothing (a tome program needs more tokens than it merges).
+        The default lower bound reads as 0 (`DEFAULT_LOWER_BOUND`); `max` is None when unbounded."""
+        constraints = self.ep.range_constraints
+        ranges = {}
+        for node in self.input_nodes():
+            for size in getattr(node.meta.get("val"), "shape", ()):
+                for symbol in sorted(to_expr(size).free_symbols, key=str):
+                    bounds = constraints.get(symbol)
+                    low = int(bounds.lower) if bounds is not None and bounds.lower > DEFAULT_LOWER_BOUND else 0
+                    high = int(bounds.upper) if bounds is not None and bounds.upper != int_oo else None
+                    ranges[str(symbol)] = {"min": low, "max": high}
+        return ranges
 
     def _stored_example_inputs(self) -> dict[str, torch.Tensor] | None:
         stored = getattr(self.ep, "example_inputs", None)
