@@ -22,6 +22,7 @@ from skimformer.backends.report import write_reports
 from skimformer.atomic import atomic_folder
 from skimformer.errors import UserError, VerificationError
 from skimformer.ir import Model, Program
+from skimformer.ir.graph import program_graphs
 from skimformer.passes.manager import max_abs_error
 
 Progress = Callable[[str], None]
@@ -81,11 +82,37 @@ def _cosines(want: dict, got: dict) -> dict[str, float]:
     return out
 
 
+ROUNDING_OPS = ("skim.cache_quant_attention", "skim.kv_quantize", "skim.kv_append")
+ROUNDED_COSINE = 0.999  # float outputs of a program that rounds its cache to integer codes
+CODES_IDENTICAL = 0.8  # the least fraction of its integer codes that must be identical
+
+
+def rounds_to_codes(program: Program) -> bool:
+    """Whether the program rounds values to integer codes (a quantized cache)."""
+    return any(str(n.target).startswith(ROUNDING_OPS) for graph in program_graphs(program.ep) for n in graph.nodes)
+
+
+def _compare_rounded(want: dict, got: dict) -> dict:
+    """A program that rounds to integer codes cannot match another runtime's to 1e-4: a last-bit
+    difference in a float (another summation order) moves a value across a rounding boundary,
+    the code changes by one step, and the layers after it see that step. It is checked at the
+    scale of that step instead: every float output's cosine to the program's at least
+    ROUNDED_COSINE, and at least CODES_IDENTICAL of the codes identical."""
+    cosines = _cosines(want, got)
+    codes = [(torch.as_tensor(np.asarray(got[k])) == ref).double().mean().item() for k, ref in want.items()
+             if not ref.is_floating_point() and ref.numel() and k in got and tuple(ref.shape) == got[k].shape]
+    lowest, same = min(cosines.values(), default=1.0), min(codes, default=1.0)
+    return {"ok": lowest >= ROUNDED_COSINE and same >= CODES_IDENTICAL,
+            "rounded": {"min_cosine": lowest, "codes_identical": same}}
+
+
 def _compare(program: Program, role: str, engine: Engine, inputs: dict[str, torch.Tensor], lossy: bool) -> dict:
     """One run of the engine against its program: `{max_abs, ok}`, judged by cosine when lossy."""
     want = program.run(inputs)
     got = engine.run(inputs, role)
     err, good = max_abs_error(want, {k: torch.from_numpy(np.asarray(v)) for k, v in got.items()})
+    if not lossy and not good and rounds_to_codes(program):
+        return {"max_abs": err, **_compare_rounded(want, got)}
     if not lossy:
         return {"max_abs": err, "ok": good}
     cosines = _cosines(want, got)
