@@ -103,7 +103,7 @@ def test_pruned_encoder_matches_its_program_at_other_sizes(pruned_encoder):
         got = pruned_encoder.run(feeds)["last_hidden_state"]
         assert got.shape == want.shape == (batch, n, 64)
         np.testing.assert_allclose(got, want, atol=1e-4)
-    with pytest.raises(UserError, match="input_ids must be int64 with 2 dimensions, not int32"):
+    with pytest.raises(UserError, match="input input_ids (is int32, but this engine takes int64|must be int64 with 2 dimensions, not int32)"):
         pruned_encoder.run({"input_ids": np.ones((1, 4), np.int32), "attention_mask": np.ones((1, 4), np.int64)})
 
 

@@ -11,12 +11,17 @@ def _skim_ops() -> list[str]:
                   if isinstance(getattr(torch.ops.skim, name, None), torch._ops.OpOverloadPacket))
 
 
+# Ops without a Triton kernel yet: ONNX Runtime runs this one as its fused quantized
+# GroupQueryAttention, and every other engine (CUDA torch too) runs its plain-torch reference.
+WITHOUT_TRITON = {"skim::cache_quant_attention"}
+
+
 def test_every_skim_op_gets_a_cuda_kernel():
     pytest.importorskip("triton")
     from skimformer.kernels import triton_kv, triton_tokens
 
-    ops = _skim_ops()
-    assert len(ops) >= 20
+    ops = [op for op in _skim_ops() if op not in WITHOUT_TRITON]
+    assert len(ops) >= 20 and WITHOUT_TRITON <= set(_skim_ops())
     assert sorted({**triton_tokens.KERNELS, **triton_kv.KERNELS}) == ops
     assert gpu.register_cuda_kernels()
     for op in ops:
