@@ -76,7 +76,7 @@ def lower(program: Program, path: Path, portable: bool = False, weights: str | N
     or in standard ONNX alone when `portable`; with matmul weights quantized to `weights`."""
     lowered, translations, table = program, None, decompositions()
     if not portable:
-        lowered = select_graph_kernels(program)[0]
+        lowered = select_graph_kernels(program)
         translations = contrib.translations()
         for op in translations:
             table.pop(op, None)  # ops ONNX Runtime runs fused stay whole for their translation

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from skimformer.backends.speculation import SEQUENCE_AXIS
 from skimformer.ir.signature import carried_input
-
-SEQUENCE_AXIS = 2  # of every cache tensor, [B, H_kv, T, D] (decoder convention)
 
 
 class InPlaceCache:

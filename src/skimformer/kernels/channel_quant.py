@@ -45,14 +45,19 @@ def cache_quant_attention_ref(q: Tensor, k: Tensor, v: Tensor, past_key: Tensor 
         key_codes = torch.cat([past_key, key_codes], dim=2)
         value_codes = torch.cat([past_value, value_codes], dim=2)
     key, value = dequantize_channels(key_codes, k_scale, bits), dequantize_channels(value_codes, v_scale, bits)
+    return causal_attention(q, key.to(q.dtype), value.to(q.dtype), bias, scale), key_codes, value_codes
+
+
+def causal_attention(q: Tensor, key: Tensor, value: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """Attention of the step's queries `[B,H,S,D]` over the whole cache `[B,H_kv,T,D]`, causal
+    (query row s sits at position T - S + s) plus the model's additive `bias`: what ONNX Runtime's
+    GroupQueryAttention computes."""
     s, t = q.shape[2], key.shape[2]
     causal = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
     mask = torch.zeros(s, t, dtype=q.dtype, device=q.device).masked_fill(~causal, torch.finfo(q.dtype).min)
     if bias is not None:
         mask = mask + bias
-    out = torch.nn.functional.scaled_dot_product_attention(q, key.to(q.dtype), value.to(q.dtype), attn_mask=mask,
-                                                           scale=scale, enable_gqa=True)
-    return out, key_codes, value_codes
+    return torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
 @torch.library.custom_op("skim::cache_quant_attention", mutates_args=())

@@ -8,32 +8,16 @@ element-wise regions (residual + norm) run on the exported ONNX graph.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from skimformer.backends.ort_kernels.attention import fuse_cache_attention
 from skimformer.ir import Program
 from skimformer.ir.rewrite import eliminate_dead_code, reexport
 
 
-@dataclass
-class Selection:
-    """What kernel selection did to one program."""
-
-    attention_layers: int = 0
-    skipped: list[str] = field(default_factory=list)
-    onnx_fusions: dict[str, int] = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {"group_query_attention": self.attention_layers, **self.onnx_fusions,
-                **({"not_fused": self.skipped} if self.skipped else {})}
-
-
-def select_graph_kernels(program: Program) -> tuple[Program, Selection]:
-    """The program with the FX-level rules applied (re-exported when anything changed)."""
+def select_graph_kernels(program: Program) -> Program:
+    """The program with the FX-level rules applied (re-exported when anything changed); layers a
+    rule does not fit keep the exporter's ops."""
     module = program.ep.module()
-    fused, skipped = fuse_cache_attention(module)
-    selection = Selection(attention_layers=fused, skipped=skipped)
-    if not fused:
-        return program, selection
+    if not fuse_cache_attention(module):
+        return program
     eliminate_dead_code(module.graph)
-    return reexport(program, module), selection
+    return reexport(program, module)

@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch import Tensor
 
 from skimformer.ir.signature import output_node
+from skimformer.kernels.channel_quant import causal_attention
 
 
 @torch.library.custom_op("skim_ort::group_query_attention", mutates_args=())
@@ -36,14 +37,7 @@ def group_query_attention(q: Tensor, k: Tensor, v: Tensor, past_key: Tensor | No
     (`[B|1, 1, S, T]`, additive); returns the output `[B,H,S,D]` and the grown cache."""
     key = k.clone() if past_key is None else torch.cat([past_key, k], dim=2)
     value = v.clone() if past_value is None else torch.cat([past_value, v], dim=2)
-    s, t = q.shape[2], key.shape[2]
-    causal = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
-    mask = torch.zeros(s, t, dtype=q.dtype, device=q.device).masked_fill(~causal, torch.finfo(q.dtype).min)
-    if bias is not None:
-        mask = mask + bias
-    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale,
-                                                           enable_gqa=True)
-    return out, key, value
+    return causal_attention(q, key, value, bias, scale), key, value
 
 
 @group_query_attention.register_fake
@@ -57,12 +51,11 @@ def _(q, k, v, past_key, past_value, bias, scale):
 OP = torch.ops.skim_ort.group_query_attention.default
 
 
-def fuse_cache_attention(module: fx.GraphModule) -> tuple[int, list[str]]:
-    """Rewrite every layer whose cache and attention fit the kernel; returns the layers rewritten
-    and, for the others, why not."""
+def fuse_cache_attention(module: fx.GraphModule) -> int:
+    """Rewrite every layer whose cache and attention fit the kernel; returns how many were."""
     from skimformer.passes.cache_attention import additive, cache_attentions
 
-    found, skipped = cache_attentions(module, "kernel selection")
+    found, _ = cache_attentions(module, "kernel selection")
     graph, out = module.graph, output_node(module)
     for layer in found:
         site = layer.layer.attention
@@ -74,4 +67,4 @@ def fuse_cache_attention(module: fx.GraphModule) -> tuple[int, list[str]]:
         site.node.replace_all_uses_with(attended)
         out.replace_input_with(layer.layer.key, key)
         out.replace_input_with(layer.layer.value, value)
-    return len(found), skipped
+    return len(found)
