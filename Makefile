@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench bench-tokens bench-kv bench-peers kvpress-env genai-env clean
+.PHONY: setup demo test test-fast bench bench-tokens bench-kv bench-tune bench-peers kvpress-env genai-env clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,10 @@ bench-tokens: $(STAMP)
 
 bench-kv: $(STAMP)
 	$(PY) benchmarks/kv.py
+
+# skimformer tune against the token benchmark's hand-picked rows (MiniLM, digits ViT), on SmolLM2, and on Ray.
+bench-tune: $(STAMP)
+	$(PY) benchmarks/tune.py
 
 # kvpress (the reference KV-press implementations) pins transformers<5.3, older than ours: it gets its own
 # virtualenv, which benchmarks/kv.py runs as a subprocess when it exists. Optional; about 1.4 GB.

@@ -14,6 +14,7 @@ _PUBLIC = {
     "UserError": "skimformer.errors", "VerificationError": "skimformer.errors",
     "Model": "skimformer.ir", "Program": "skimformer.ir", "analyze": "skimformer.ir", "load": "skimformer.ir",
     "Engine": "skimformer.backends", "calibrate": "skimformer.api", "optimize": "skimformer.api",
+    "tune": "skimformer.api",
 }
 __all__ = [*_PUBLIC, "__version__"]
 

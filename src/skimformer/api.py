@@ -1,5 +1,5 @@
-"""The Python API: `skimformer.optimize(model, passes=..., backend=...) -> Engine` and
-`skimformer.calibrate(model, out=...) -> Calibration`."""
+"""The Python API: `skimformer.optimize(model, passes=..., backend=...) -> Engine`,
+`skimformer.calibrate(model, out=...) -> Calibration` and `skimformer.tune(model, budget=...)`."""
 from __future__ import annotations
 
 import tempfile
@@ -77,3 +77,28 @@ def calibrate(model, data: str | Path | dict | None = None, at: list[int] | None
     """
     return calibrate_model(_as_model(model), data, at, out, target_agreement=target_agreement, rank=rank,
                            criterion=criterion, steps=steps, seed=seed)
+
+
+def tune(model: str | Path, budget: str | list[str], data: str | Path | dict | None = None,
+         output: str | Path | None = None, *, space: str | None = None, trials: int | None = None,
+         time: str | float | None = None, backend: str = "onnxruntime", backend_options: dict | None = None,
+         ray: str | None = None, workers: int | None = None, threads: int | None = None, batch: int = 8,
+         seed: int = 0, force: bool = False):
+    """Search the passes that apply to a model (a .pt2 path or a decoder folder) for the fastest
+    engine within `budget` (`"cosine>=0.99"`, several comma-separated; see `skimformer.tuning`).
+
+    `data`: an .npz path or a dict of arrays named like the program's inputs, rows first (an
+    encoder's `labels` for `top1-drop`; a decoder's default: the shipped texts). `space`: groups
+    of passes, `"tokens,kv,exit,skip,weights"` (default: those that apply). `trials` (default 40)
+    and `time` (seconds or `"20m"`) bound the search. `ray`: `"auto"` (a local Ray cluster) or a
+    cluster's address, with `workers` of `threads` threads. Without `output` the folder is a new
+    temporary one. Returns a `TuneResult` (`.chosen`, `.front`, `.engine`, `.summary`).
+    """
+    from skimformer.tuning import parse_duration, tune_model  # Optuna loads only when tuning
+
+    data = read_npz(data, "tune inputs") if isinstance(data, (str, Path)) else data
+    out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="skimformer-")) / "tuned"
+    return tune_model(model, budget, out, data=data, space=space, trials=trials,
+                      time_limit=None if time is None else parse_duration(time), backend=backend,
+                      backend_options=backend_options, ray=ray, workers=workers, threads=threads, batch=batch,
+                      seed=seed, force=force)

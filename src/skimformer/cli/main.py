@@ -61,7 +61,7 @@ def _add_optimize_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from skimformer.calibration import CRITERION, RANK, STEPS, TARGET_AGREEMENT
-    from skimformer.cli import commands as c
+    from skimformer.cli import commands as c, tune
 
     parser = _Parser(prog="skimformer", description="A compiler for transformer inference.")
     parser.add_argument("--version", action="version", version=f"skimformer {__version__}")
@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=c.cmd_calibrate)
+    tune.add_parser(sub)
     for p in sub.choices.values():  # also after the subcommand; SUPPRESS keeps a --verbose given before it
         p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser

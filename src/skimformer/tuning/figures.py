@@ -1,0 +1,106 @@
+"""A trial's two objectives: fidelity figures (budget metrics) and its speed ratio.
+
+Fidelity compares a candidate's outputs with the unoptimized engine's on the same rows:
+- encoders: `cosine`, the mean over rows of the cosine between the first outputs, a per-token
+  output (`[B, N, D]`) mean-pooled over the attention mask first: token-reduction passes restore
+  removed tokens only approximately (each takes its representative's value), and what is read
+  from a per-token encoder is its pooled embedding, not its padding; `agreement`, the top-1
+  agreement of a logits output; `top1-drop`, accuracy points lost against the labels.
+- decoders: teacher-forced (both fed the same text, position by position): `agreement` of the
+  next-token argmax, `cosine` of the next-token logits, `ppl-ratio` of the perplexities of the
+  fed text, and `kl` (nats).
+
+Speed is a ratio to the unoptimized engine timed in the same process, the two run in alternation
+(so drift in a machine's speed falls on both, and workers of different speeds give comparable
+ratios): an encoder's time per call on a batch of search rows; a decoder's time for a request,
+the prefill of a prompt plus its decode steps (`backends.measure`).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from skimformer.backends.engine import Engine
+from skimformer.backends.measure import measure_decoder
+from skimformer.backends.teacher_forcing import Decoder, Run, forced_logits
+from skimformer.passes.fidelity import next_token_metrics
+
+MASK = "attention_mask"
+TIMING_S = 2.0  # an encoder's timing: at least MIN_RUNS calls of each engine, then until this is spent
+MIN_RUNS = 5
+DECODE_TOKENS = 16  # a decoder's request: the prompt's prefill, then these decode steps
+
+
+def encoder_figures(reference: np.ndarray, candidate: np.ndarray, name: str, mask: np.ndarray | None,
+                    labels: np.ndarray | None) -> dict[str, float]:
+    """Budget figures of an encoder's first output `name` (rows first) against the reference's."""
+    if candidate.shape != reference.shape:
+        return {}
+    ref, got = _pooled(reference, mask), _pooled(candidate, mask)
+    cos = (ref * got).sum(-1) / np.maximum(np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1), 1e-12)
+    figures = {"cosine": float(cos.mean()), "cosine_min": float(cos.min())}
+    if name.endswith("logits"):
+        figures["agreement"] = float((reference.argmax(-1) == candidate.argmax(-1)).mean())
+        if labels is not None and reference.ndim == 2:
+            top1, top1_ref = float((candidate.argmax(-1) == labels).mean()), float((reference.argmax(-1) == labels).mean())
+            figures.update({"top1-drop": 100 * (top1_ref - top1), "top1": top1, "top1_reference": top1_ref})
+    return figures
+
+
+def _pooled(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Rows as vectors `[B, F]` in float64: a `[B, N, D]` output mean-pooled over `mask`'s tokens."""
+    x = x.astype(np.float64)
+    if x.ndim == 3:
+        m = mask[..., None].astype(np.float64) if mask is not None and mask.shape == x.shape[:2] else np.ones_like(x[..., :1])
+        return (x * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+    return x.reshape(len(x), -1)
+
+
+def teacher_forced(run: Run, ids: np.ndarray, mask: np.ndarray, prompt: int) -> np.ndarray:
+    """Logits `[B, n, V]` predicting each of `ids[:, prompt:]`: the prompt is prefilled, then the
+    rest is fed a decode step a token, the carried state threaded as the engine threads it."""
+    decoder = Decoder.prefill(run, ids[:, :prompt], mask[:, :prompt])
+    return np.concatenate(list(forced_logits(decoder, ids[:, prompt:])), axis=1)
+
+
+def decoder_figures(reference: np.ndarray, candidate: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """Budget figures from teacher-forced logits `[B, n, V]` predicting `targets` `[B, n]`."""
+    metrics = next_token_metrics(reference, candidate)
+    nll = [_nll(x, targets) for x in (reference, candidate)]
+    return {"agreement": metrics["next_token_agreement"], "cosine": metrics["next_token_cosine"],
+            "ppl-ratio": float(np.exp(nll[1] - nll[0])), "kl": metrics["next_token_kl"]}
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    logp = torch.from_numpy(logits).double().log_softmax(-1)
+    return float(-logp.gather(-1, torch.from_numpy(targets)[..., None]).mean())
+
+
+def encoder_speed(baseline: Engine, engine: Engine, feeds: dict[str, np.ndarray]) -> dict:
+    """Median ms per call of both engines on `feeds`, run in alternation, and their ratio."""
+    engines = (baseline, engine)
+    for e in engines:  # warm-up
+        e.run(feeds)
+    samples, start = ([], []), time.perf_counter()
+    while len(samples[0]) < MIN_RUNS or (time.perf_counter() - start < TIMING_S and len(samples[0]) < 200):
+        for e, out in zip(engines, samples):
+            t = time.perf_counter()
+            e.run(feeds)
+            out.append((time.perf_counter() - t) * 1e3)
+    base, opt = (statistics.median(s) for s in samples)
+    return {"ratio": base / opt, "baseline_ms": round(base, 3), "optimized_ms": round(opt, 3), "runs": len(samples[0])}
+
+
+def decoder_speed(baseline: Engine, engine: Engine, vocab: int, prompt: int) -> dict:
+    """A request's time (prefill of `prompt` tokens, then DECODE_TOKENS steps) of both engines,
+    and its ratio; prefill and decode ratios alongside."""
+    m = measure_decoder(baseline, engine, vocab, prompt_tokens=prompt, decode_tokens=DECODE_TOKENS + 1)
+    steps = m["decode"]["tokens"]
+    request = {k: m["prefill"][f"{k}_ms"] + 1e3 * steps / m["decode"][f"{k}_tokens_per_s"]
+               for k in ("baseline", "optimized")}
+    return {"ratio": request["baseline"] / request["optimized"], "baseline_ms": round(request["baseline"], 2),
+            "optimized_ms": round(request["optimized"], 2), "prefill_ratio": m["prefill"]["ratio"],
+            "decode_ratio": m["decode"]["ratio"], "prompt_tokens": prompt, "decode_tokens": steps}
