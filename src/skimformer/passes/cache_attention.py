@@ -4,7 +4,16 @@ values, the past cache inputs, the model's mask and the softmax scale.
 
 A layer qualifies when its cache is the past cache with the step's keys appended (the plain
 growing cache of the decoder convention; in a prefill, the step's keys alone) and one fused
-attention op reads it with an explicit mask or a causal flag.
+attention op reads that whole cache with an explicit mask or a causal flag.
+
+Models write the same cache in many ways: a fused QKV projection split by slices or chunks,
+rotary embedding on part of the head dim concatenated with the rest, copies, casts and
+shape-keeping views between the concatenation, the outputs and the attention, repeat_kv's head
+expansion in front of the attention. The match therefore follows values through the ops that
+pass a tensor on whole rather than expecting one pattern, and asks of the parts only what
+makes the rewrite correct: the cache is a concatenation along the token axis of the past input
+and one more part, that part does not read this layer's past (it is the step's own keys), and
+the attention reads every token of that cache.
 """
 from __future__ import annotations
 
@@ -15,7 +24,18 @@ import torch.fx as fx
 from skimformer.errors import UserError
 from skimformer.ir.attention import FUSED, sdpa_mask
 from skimformer.ir.graph import op_name, shape
+from skimformer.ir.sizes import same_shape, same_size, to_expr
 from skimformer.passes.kv_rewrite import CacheLayer, cache_layers
+
+# Ops whose output is their input's values, element for element (a cast rounds, no more).
+COPIES = frozenset({"clone", "contiguous", "alias", "detach", "lift_fresh_copy", "to", "_to_copy"})
+# Ops that pass a tensor on whole when their output has their input's shape (a full slice, a
+# view to the same shape, an expand that broadcasts nothing).
+WHOLE_IF_SAME_SHAPE = frozenset({"slice", "view", "reshape", "_unsafe_view", "expand"})
+# repeat_kv: the KV heads repeated to the query heads (`[B, H_kv, T, D]` -> `[B, H, T, D]`).
+HEAD_REPEATS = frozenset({"unsqueeze", "expand", "view", "reshape", "_unsafe_view", "repeat_interleave"})
+SIZE_READS = frozenset({"sym_size", "sym_numel", "sym_stride", "sym_storage_offset"})
+TOKENS = 2  # the token axis of a `[B, H_kv, T, D]` cache
 
 
 @dataclass
@@ -36,22 +56,83 @@ def _is_empty(node) -> bool:
     return val is not None and any(isinstance(d, int) and d == 0 for d in val.shape)
 
 
+def _passed_on(node: fx.Node) -> fx.Node | None:
+    """The tensor `node` passes on whole (same values up to a cast, same shape), or None."""
+    source = node.args[0] if node.op == "call_function" and node.args else None
+    if not isinstance(source, fx.Node):
+        return None
+    name = op_name(node)
+    if name in COPIES or (name in WHOLE_IF_SAME_SHAPE and same_shape(shape(node), shape(source))):
+        return source
+    return None
+
+
+def _unwrapped(node: fx.Node) -> fx.Node:
+    """`node` with the ops that pass a tensor on whole peeled off."""
+    while (source := _passed_on(node)) is not None:
+        node = source
+    return node
+
+
+def _is_token_cat(node: fx.Node) -> bool:
+    dims = shape(node)
+    if op_name(node) != "cat" or dims is None or len(dims) != 4:
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim % 4 == TOKENS
+
+
 def _token_parts(node: fx.Node) -> list[fx.Node]:
-    """What a cache is concatenated from along its token axis, empty operands dropped (a lazily
-    created `transformers` cache starts as an empty tensor that every step concatenates to)."""
-    if op_name(node) != "cat" or (node.args[1] if len(node.args) > 1 else 0) not in (2, -2):
+    """What a cache is concatenated from along its token axis, in order, empty operands dropped
+    (a lazily created `transformers` cache starts as an empty tensor that every step
+    concatenates to)."""
+    inner = _unwrapped(node)
+    if not _is_token_cat(inner):
         return [node]
-    return [part for operand in node.args[0] if not _is_empty(operand) for part in _token_parts(operand)]
+    return [part for operand in inner.args[0] if not _is_empty(operand) for part in _token_parts(operand)]
 
 
 def _new_tokens(present: fx.Node, past: fx.Node | None) -> fx.Node | None:
-    """The step's own keys (or values): the present cache itself in a prefill, the part after
-    the past cache in a decode step; None when the cache is built any other way."""
-    parts = _token_parts(present)
-    want = 1 if past is None else 2
-    if len(parts) != want or (past is not None and parts[0] is not past) or op_name(parts[-1]) == "cat":
+    """The step's own keys (or values): the whole cache in a prefill, the part after the past
+    cache in a decode step, when that part does not read the past; None for a cache built any
+    other way (a window of the past, the new tokens first, a past gathered or rescaled)."""
+    *old, new = _token_parts(present)
+    if [_unwrapped(part) for part in old] != ([] if past is None else [past]):
         return None
-    return parts[-1]
+    if past is not None and _reads_values(new, past):
+        return None
+    return new
+
+
+def _reads_values(node: fx.Node, source: fx.Node) -> bool:
+    """Whether `node` depends on the values of `source`; reading its sizes does not count (the
+    exporter takes the batch size for every reshape from whichever input it met first)."""
+    todo, seen = [node], set()
+    while todo:
+        current = todo.pop()
+        if current is source:
+            return True
+        if current in seen or op_name(current) in SIZE_READS:
+            continue
+        seen.add(current)
+        todo.extend(current.all_input_nodes)
+    return False
+
+
+def _reads_whole(attention_input: fx.Node, cache: fx.Node) -> bool:
+    """Whether attention reads every token of `cache` as it is: through whole copies and
+    repeat_kv's head expansion, with the cache's batch, token count and head dim."""
+    node = attention_input
+    while node is not cache:
+        source = _passed_on(node)
+        if source is None and op_name(node) in HEAD_REPEATS and isinstance(node.args[0], fx.Node):
+            source = node.args[0]
+        if source is None:
+            return False
+        node = source
+    got, want = shape(attention_input), shape(cache)
+    return got is not None and want is not None and len(got) == len(want) == 4 \
+        and all(same_size(got[i], want[i]) for i in (0, TOKENS, 3))
 
 
 def _why_not(layer: CacheLayer, k_new, v_new) -> str | None:
@@ -60,14 +141,18 @@ def _why_not(layer: CacheLayer, k_new, v_new) -> str | None:
         return "its attention is not one fused attention op"
     if k_new is None or v_new is None:
         return "its cache is not the past cache with the step's keys appended"
+    if not (_reads_whole(site.k, _unwrapped(layer.key)) and _reads_whole(site.v, _unwrapped(layer.value))):
+        return "its attention does not read the whole cache it returns"
     if (site.node.kwargs.get("dropout_p") or 0) != 0 or len(site.node.args) > 4:
         return "its attention has dropout or positional options"
     if sdpa_mask(site.node) is None and not site.node.kwargs.get("is_causal", False):
         return "its attention is neither masked nor causal"
     qs, ks = shape(site.q), shape(k_new)
-    if qs is None or ks is None or len(qs) != 4 or len(ks) != 4 or str(qs[2]) != str(ks[2]) or qs[3] != ks[3]:
+    if qs is None or ks is None or len(qs) != 4 or len(ks) != 4 or not same_size(qs[2], ks[2]) \
+            or not same_size(qs[3], ks[3]):
         return "its queries and new keys differ in tokens or head size"
-    if not isinstance(qs[1], int) or not isinstance(ks[1], int) or qs[1] % ks[1]:
+    heads, kv_heads = to_expr(qs[1]), to_expr(ks[1])
+    if not (heads.is_Integer and kv_heads.is_Integer) or heads % kv_heads:
         return "its head counts are not static multiples"
     return None
 

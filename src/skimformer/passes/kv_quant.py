@@ -47,7 +47,7 @@ from skimformer.kernels import quant  # noqa: F401  (registers the skim ops)
 from skimformer.passes import kv_quant_channel
 from skimformer.passes.base import Exercise, ModelResult, Pass
 from skimformer.passes.kv_rewrite import (CacheLayer, reaches, cache_bytes, cache_layers,
-                                          reexport_decoder_program, rewrite_decoder)
+                                          reexport_decoder_program, replace_guards, rewrite_decoder)
 from skimformer.passes.registry import register
 
 NAME = "kv-quant"
@@ -214,8 +214,7 @@ def _quantize_decode(program: Program, config: KVQuantConfig, inputs: dict, dims
             "key": (kp["codes"], kp["scale"], kp["zero"], ktail),
             "value": (vp["codes"], vp["scale"], vp["zero"], vtail)}))
     set_outputs(module, _with_layers(named_outputs(module), new))
-    for node in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
-        graph.erase_node(node)  # the export's checks of the old inputs (the head dim of past_key_*); export redoes them
+    replace_guards(module)  # the export's checks of the old inputs (the head dim of past_key_*)
     graph.eliminate_dead_code()
     for layer in layers:
         for past in (layer.past_key, layer.past_value):

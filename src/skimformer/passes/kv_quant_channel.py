@@ -28,7 +28,7 @@ from skimformer.ir.rewrite import tag
 from skimformer.ir.signature import output_node
 from skimformer.kernels import channel_quant
 from skimformer.passes.cache_attention import additive, cache_attentions
-from skimformer.passes.kv_rewrite import reexport_decoder_program
+from skimformer.passes.kv_rewrite import reexport_decoder_program, replace_guards
 
 CALIBRATION_ROWS, CALIBRATION_TOKENS = 8, 256
 OP = torch.ops.skim.cache_quant_attention.default
@@ -87,8 +87,7 @@ def quantize_program(program: Program, scales: dict, bits: int, pass_name: str, 
         graph.erase_node(site.node)
         out.replace_input_with(layer.layer.key, key)
         out.replace_input_with(layer.layer.value, value)
-    for guard in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
-        graph.erase_node(guard)  # the export's checks of the old cache inputs; export writes new ones
+    replace_guards(module)  # the export's checks of the old cache's dtype and head dim
     return reexport_decoder_program(program, module, inputs, dims)
 
 

@@ -10,9 +10,11 @@ as the engine feeds them, and the decode rewrite is traced on those.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -23,6 +25,7 @@ from skimformer.ir.graph import op_name
 from skimformer.ir.kv_cache import KV_MOVES
 from skimformer.ir.rewrite import reexport
 from skimformer.ir.signature import carried_input, input_nodes, named_outputs
+from skimformer.ir.sizes import to_expr
 from skimformer.passes.base import ModelResult
 
 MASK = "attention_mask"
@@ -135,6 +138,40 @@ def reexport_decoder_program(program: Program, module: fx.GraphModule, inputs: d
     rewritten prefill)."""
     module.graph.eliminate_dead_code()
     return reexport(program, module, inputs, dims)
+
+
+def replace_guards(module: fx.GraphModule) -> None:
+    """Drop `ep.module()`'s check of the old inputs and assert, in its place, which inputs share
+    a size, for passes that change the cache's representation.
+
+    The export's `_guards_fn` checks the cache's dtype and head dim, which such a pass changes,
+    but it also told the re-export, before any op ran, that all inputs have one batch size and
+    the ids and positions one token count. Without that the exporter meets the sizes in graph
+    order: GPT-2's first reshape of its QKV projection, `[B*n, 3C]` to `[B, n, 3C]`, traced
+    before the cache's batch is known to be the ids' batch, records `B != B*n`, which refuses
+    every one-token decode step. So the equalities come first again (`torch._assert`, as the
+    guard function does); sums such as the mask's `past + n` are left out, since a pass may
+    change what the cache's token axis counts (KIVI's codes hold only the quantized tokens).
+    """
+    graph = module.graph
+    for guard in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+        graph.erase_node(guard)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    first: dict[sympy.Symbol, fx.Node] = {}
+    with graph.inserting_before(placeholders[-1].next):
+        for node in placeholders:
+            for dim, size in enumerate(getattr(node.meta.get("val"), "shape", ())):
+                symbol = to_expr(size)
+                if not isinstance(symbol, sympy.Symbol):
+                    continue
+                read = graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
+                if symbol not in first:
+                    first[symbol] = read
+                    continue
+                same = graph.call_function(operator.eq, (read, first[symbol]))
+                other, other_dim = first[symbol].args
+                graph.call_function(torch._assert, (same, f"{node.target}.size({dim}) must equal "
+                                                          f"{other.target}.size({other_dim})"))
 
 
 def cache_bytes(outputs: dict[str, torch.Tensor]) -> int:
