@@ -100,13 +100,17 @@ class Search:
             self.study.tell(trial, state=state.PRUNED if record["state"] == "pruned" else state.FAIL)
 
     def replay(self, previous: list[dict]) -> None:
-        """Tell the study the trials of an earlier run of this search."""
+        """Tell the study the trials of an earlier run of this search, then queue the space's
+        starting points not tried yet."""
         for record in previous:
             self.study.enqueue_trial(record["params"])
             trial, candidate = self._ask()
             self._tell(trial, record)
             self.records.append(record)
             self.done[candidate.key] = record
+        for params in self.space.starts():
+            if self.space.suggest(self.optuna.trial.FixedTrial(params)).key not in self.done:
+                self.study.enqueue_trial(params)
 
     # -- rounds ----------------------------------------------------------------------------------
 

@@ -12,8 +12,15 @@ Groups (`--space`), each a choice of at most one method per trial, in pipeline o
   `kv-quant` (`scheme`, `bits`); sized to the measured prompt, so that each acts on it.
 - `weights` (ONNX Runtime): the backend's `--weights int8|int4`.
 
-Skip, tokens and exit rewrite blocks, so they come before the KV passes, which refuse to follow
-them (and the other way round for kv-quant). A group that cannot apply (KV compression on an
+Pipeline order follows the passes' own constraints: kv-window and kv-evict rewrite every layer's
+attention over its cache and refuse a cache that a block rewrite left unread, so they come first;
+then token passes and exits, whose layer indices (and calibrated adapters) count the model's own
+blocks, which skip passes would renumber; kv-quant's quantized attention is no block the others
+know, so it comes last. Combinations the passes refuse (tome with skip-ffn) fail at the screen.
+
+The search starts from each method alone at a middle setting (`starts`): with tens of trials, a
+random start would mostly combine several lossy passes and fall outside the budget, while single
+passes tell the sampler early which methods this model tolerates. A group that cannot apply (KV compression on an
 encoder, exits on a model without a head) is left out of the default space and refused when
 asked for. Spaces are define-by-run (Optuna asks for a method's fields only when it is chosen);
 ranges are fixed per model, so a field's distribution is the same in every trial.
@@ -123,7 +130,9 @@ class Space:
 
     def suggest(self, trial) -> Candidate:
         """A candidate from an Optuna trial (its `suggest_*` calls decide the fields)."""
-        parts = [p for p in (self._skip(trial), self._tokens(trial), self._exit(trial), self._kv(trial)) if p]
+        kv = self._kv(trial)
+        first, last = ("", kv) if kv.startswith("kv-quant") else (kv, "")
+        parts = [p for p in (first, self._tokens(trial), self._exit(trial), self._skip(trial), last) if p]
         weights = trial.suggest_categorical("weights", ["none", "int8", "int4"]) if "weights" in self.groups else "none"
         return Candidate("; ".join(parts), None if weights == "none" else weights)
 
@@ -186,6 +195,23 @@ class Space:
             bits = trial.suggest_categorical("kv-quant.bits", [8, 4])
             return f"kv-quant(scheme={scheme}, bits={bits})"
         return ""
+
+    def starts(self) -> list[dict]:
+        """Trial parameters of each method alone at a middle setting, every other group at none."""
+        f = self.facts
+        none = {"exit.threshold" if g == "exit" else g: "none" for g in self.groups}
+        single = {
+            "skip": [{"skip": m, "skip.count": 1, "skip.start": max(1, f.blocks // 2)} for m in ("skip-layers", "skip-ffn")],
+            "tokens": ([{"tokens": "prompt-prune", "prompt-prune.layer": max(0, min(f.blocks - 2, f.blocks // 4)),
+                         "prompt-prune.keep": 0.5}] if f.decoder else
+                       [{"tokens": "tome", "tome.r": max(1, (f.tokens - 2) // (f.blocks + 1) // 4), "tome.schedule": "constant"},
+                        {"tokens": "prune", "prune.keep": 0.7, "prune.at": _at_options(f.blocks)[-1], "prune.score": "cls"}]),
+            "exit": [{"exit.threshold": "calibrated"}],
+            "kv": [{"kv": "kv-window", "kv-window.window": max(8, f.tokens // 2)},
+                   {"kv": "kv-evict", "kv-evict.policy": "snapkv", "kv-evict.keep": 0.5},
+                   {"kv": "kv-quant", "kv-quant.scheme": "channel", "kv-quant.bits": 8}],
+            "weights": [{"weights": "int8"}]}
+        return [{**none, **params} for g in self.groups for params in single[g]]
 
     def describe(self) -> dict[str, str]:
         """The groups searched and what each varies, for the summary."""

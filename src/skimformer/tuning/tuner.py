@@ -63,7 +63,8 @@ class TuneResult:
             h = s["held_out"]
             figures = ", ".join(f"{k} {h['figures'][k]:.4g}" for k in h["budget_metrics"])
             lines.append(f"measured again on {s['inputs']['held_out_rows']} held-out rows: {figures} "
-                         f"({'within' if h['within_budget'] else 'OUTSIDE'} the budget), {h['speed']:.2f}x")
+                         f"({'within' if h['within_budget'] else 'OUTSIDE'} the budget)"
+                         + ("" if h["speed"] is None else f", {h['speed']:.2f}x"))
         lines += [*s["notes"], f"engine: {s['engine']}  pipeline: {s['best']}  trials: {s['trials_file']}"
                   + (f"  plot: {s['plot']}" if s.get("plot") else "")]
         return "\n".join(lines)
@@ -148,7 +149,7 @@ def tune_model(model: str | Path, budget: str | list[str] | list[Budget], out: s
             engine = _build(loaded, out / "engine", chosen, backend, options, rows, progress, warn)
             checker = pool.worker if isinstance(pool, LocalPool) else Worker(path, rows, backend, options, threads)
             progress("measuring the engine again on the held-out rows")
-            check = checker.check(out / "engine")
+            check = checker.check(out / "engine", timed=chosen is not None)  # not the unoptimized against itself
             if checker is not getattr(pool, "worker", None):
                 checker.close()
         finally:
@@ -204,7 +205,7 @@ def _summary(out: Path, settings: dict, space: Space, rows: Rows, budgets: list[
                 if fastest else "no measured trial was within it")
         answer = (f"nothing within the budget ({', '.join(map(str, budgets))}) is faster than the unoptimized engine "
                   f"({best}): the engine built is the unoptimized one")
-    held = {"figures": check["figures"], "speed": check["speed"], "timing": check["timing"],
+    held = {"figures": check["figures"], "speed": check.get("speed"), "timing": check.get("timing"),
             "budget_metrics": [b.metric for b in budgets if b.metric in check["figures"]],
             "within_budget": max(violations(budgets, check["figures"]), default=0) <= 0}
     notes = []
