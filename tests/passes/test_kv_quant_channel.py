@@ -6,11 +6,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import transformers as tf
 
 from skimformer import UserError, load, optimize
 from skimformer.backends.generation import generate
+from skimformer.ir.signature import carried_input
 from skimformer.kernels.channel_quant import dequantize_channels, quantize_channels
 from skimformer.passes import pipeline_from
+from skimformer.passes.cache_attention import cache_attentions
+from skimformer.passes.kv_quant import KVQuant, KVQuantConfig
+from skimformer.zoo import export_model
 from tests.decoding import torch_runner
 
 
@@ -85,3 +90,102 @@ def test_rounded_parity_is_judged_at_the_scale_of_one_code():
     flipped.view(-1)[::2] += 1
     assert not _compare_rounded({"logits": logits, "present_key_0": codes},
                                 {"logits": logits.numpy(), "present_key_0": flipped.numpy()})["ok"]
+
+
+class CacheStep(torch.nn.Module):
+    """One attention layer over a growing cache `build(past, new)`, of which attention reads
+    `read(cache)`: the forms a model may write its cache in."""
+
+    def __init__(self, build, read):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+        self.build, self.read = build, read
+
+    def forward(self, x, past_key_0, past_value_0):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        key, value = self.build(past_key_0, k), self.build(past_value_0, v)
+        key_read, value_read = self.read(key), self.read(value)
+        bias = torch.zeros(q.shape[2], key_read.shape[2])
+        out = torch.nn.functional.scaled_dot_product_attention(q, key_read, value_read, bias)
+        return {"logits": out, "present_key_0": key, "present_value_0": value}
+
+
+def _partial_rotary(new):
+    """A stand-in for rotary embedding on the first half of the head dim, the rest passed on."""
+    return torch.cat([new[..., :4] * 2, new[..., 4:]], dim=-1)
+
+
+WHOLE = lambda cache: cache  # noqa: E731
+CACHE_FORMS = {
+    "past ++ new": (lambda past, new: torch.cat([past, new], 2), WHOLE, None),
+    "partial rotary, copies": (lambda past, new: torch.cat([past.contiguous(), _partial_rotary(new)], -2).contiguous(),
+                               WHOLE, None),
+    "new first": (lambda past, new: torch.cat([new, past], 2), WHOLE, "not the past cache with the step's keys"),
+    "a window of the past": (lambda past, new: torch.cat([past[:, :, 1:], new], 2), WHOLE,
+                             "not the past cache with the step's keys"),
+    "new keys read the past": (lambda past, new: torch.cat([past, new + past.mean(2, keepdim=True)], 2), WHOLE,
+                               "not the past cache with the step's keys"),
+    "attention reads a window": (lambda past, new: torch.cat([past, new], 2), lambda cache: cache[:, :, -4:],
+                                 "does not read the whole cache"),
+}
+
+
+@pytest.mark.parametrize("form", CACHE_FORMS)
+def test_cache_match_follows_copies_and_partial_rotary_and_refuses_other_caches(form):
+    """A cache qualifies however its new keys are computed and copied, as long as it is the past
+    with the step's own keys appended and attention reads all of it."""
+    build, read, refusal = CACHE_FORMS[form]
+    dyn = torch.export.Dim.DYNAMIC
+    ep = torch.export.export(CacheStep(build, read), (torch.randn(2, 3, 16), torch.randn(2, 2, 5, 8),
+                                                      torch.randn(2, 2, 5, 8)),
+                             dynamic_shapes=({0: dyn, 1: dyn}, {0: dyn, 2: dyn}, {0: dyn, 2: dyn}))
+    found, skipped = cache_attentions(ep.module(), "kv-quant")
+    if refusal is None:
+        assert len(found) == 1 and not skipped
+        assert found[0].k_new.meta["val"].shape[2] == 3  # the step's 3 tokens, past excluded
+    else:
+        assert not found and refusal in skipped[0]
+
+
+SMALL = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128)
+# The conformance configurations: GPT-NeoX (fused QKV chunked, rotary on a quarter of the head
+# dim), Phi-3 (fused QKV sliced, rotary with an empty pass-through part), GPT-2 (Conv1D QKV).
+DECODERS = {
+    "gpt_neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(vocab_size=300, **SMALL)),
+    "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(vocab_size=300, num_key_value_heads=2, pad_token_id=0, **SMALL)),
+    "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=300, n_embd=64, n_layer=1, n_head=4)),
+}
+
+
+def _teacher_forced_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token logits of a one-row prompt: a prefill of its first half, then one-token decode
+    steps over the rest, each step's cache threaded into the next as the engine does."""
+    half = ids.shape[1] // 2
+    out = model.programs["prefill"].run({"input_ids": ids[:, :half], "attention_mask": torch.ones_like(ids[:, :half]),
+                                         "position_ids": torch.arange(half)[None]})
+    logits = [out["logits"][:, -1]]
+    for t in range(half, ids.shape[1]):
+        feeds = {"input_ids": ids[:, t:t + 1], "attention_mask": torch.ones(1, t + 1, dtype=torch.long),
+                 "position_ids": torch.tensor([[t]])}
+        feeds.update({carried_input(k): v for k, v in out.items() if carried_input(k)})
+        out = model.programs["decode"].run(feeds)
+        logits.append(out["logits"][:, -1])
+    return torch.cat(logits)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_channel_cache_of_other_families_follows_the_original_step_by_step(family, tmp_path):
+    """Fused QKV projections and partial rotary are matched (GPT-NeoX and Phi-3 were refused), and
+    the decode program keeps its dynamic batch and token count: GPT-2's re-export had recorded
+    `B != B * n`, which refused every one-token step."""
+    torch.manual_seed(0)
+    export_model(DECODERS[family](), tmp_path / family)
+    original = load(tmp_path / family)
+    result = KVQuant().apply_model(original, KVQuantConfig(scheme="channel", bits=8))
+    model = result.model
+    assert result.report["decode"]["layers"] == 1
+    ids_shape = next(s["shape"] for s in model.programs["decode"].input_specs() if s["name"] == "input_ids")
+    assert all(isinstance(size, str) for size in ids_shape)  # batch and tokens stay symbolic
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    want, got = _teacher_forced_logits(original, ids), _teacher_forced_logits(model, ids)
+    assert torch.nn.functional.cosine_similarity(want, got, dim=-1).min() > 0.999
