@@ -13,8 +13,10 @@ def test_encoder_folder(exported, tmp_path):
     out = tmp_path / "eng"
     engine = optimize(exported("bert"), output=out)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["example_inputs.npz", "manifest.json", "model.onnx", "program.pt2", "report.json", "report.md"]
+    assert names == ["example_inputs.npz", "manifest.json", "model.onnx", "model.onnx.data", "program.pt2",
+                     "report.json", "report.md"]
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"]["model.onnx.data"] == "model weights (ONNX external data)"
     assert manifest["backend"] == "onnxruntime" and manifest["programs"]["model"]["engine"] == "model.onnx"
     assert [i["name"] for i in manifest["programs"]["model"]["inputs"]] == ["input_ids", "attention_mask"]
     report = json.loads((out / "report.json").read_text())

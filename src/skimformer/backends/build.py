@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +17,7 @@ import torch
 
 from skimformer import __version__
 from skimformer.backends.engine import EXAMPLES, MANIFEST, Engine
+from skimformer.backends.forked import can_fork, run_forked
 from skimformer.backends.measure import measure_decoder
 from skimformer.backends.registry import backend_module, checked_backend
 from skimformer.backends.report import write_reports
@@ -43,11 +45,20 @@ def lower_model(model: Model, folder: Path, backend: str, progress: Progress,
                 options: dict | None = None) -> dict:
     """Lower each program into `folder`; returns the manifest's `programs` section."""
     module = backend_module(backend)
+    files = {role: f"{role}{module.SUFFIX}" for role in model.programs}
+    jobs = {role: partial(module.lower, program, folder / files[role], **(options or {}))
+            for role, program in model.programs.items()}
+    if len(jobs) > 1 and getattr(module, "FORKS", False) and can_fork():
+        progress(f"lowering {', '.join(jobs)} to {backend} side by side")
+        extras = run_forked(jobs)
+    else:
+        extras = {}
+        for role, job in jobs.items():
+            progress(f"lowering {role} to {backend}")
+            extras[role] = job()
     programs = {}
     for role, program in model.programs.items():
-        engine_file = f"{role}{module.SUFFIX}"
-        progress(f"lowering {role} to {backend}")
-        extra = module.lower(program, folder / engine_file, **(options or {})) or {}
+        engine_file, extra = files[role], extras[role] or {}
         programs[role] = {"engine": engine_file, "program": program_file(role),
                           "inputs": program.input_specs(), "sizes": program.size_ranges(),
                           "outputs": program.output_specs()}
@@ -238,4 +249,5 @@ def build_engine(model: Model, original: Model, out: Path, *, backend: str = "on
         if measure:
             report["speed"] = _measure(original, engine, model, backend, options, tmp, progress)
         write_reports(tmp, report)
-    return Engine.load(out), report
+    engine.folder = out  # the folder was moved, not copied: its sessions stay valid
+    return engine, report

@@ -5,21 +5,23 @@ program's output names (`logits`, `present_key_0`, ...) so engines are driven by
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from skimformer.backends.onnx_cleanup import clean_up
 from skimformer.backends.ort_kernels import contrib, onnx_rules, select_graph_kernels
 from skimformer.backends.quiet import quiet
 from skimformer.errors import UserError
 from skimformer.ir import Program
-from skimformer.ir.graph import holds_skim_ops
 from skimformer.kernels import decompositions
 
 NAME = "onnxruntime"
 SUFFIX = ".onnx"
+FORKS = True  # programs lower in forked processes side by side (`backends.forked`): pure CPU work
 # ONNX names every value once: an output named like an input (the `attention_mask` a pruned
 # prefill returns) is stored under this suffix and read back under its own name.
 SAME_AS_INPUT = ":output"
@@ -74,18 +76,20 @@ def lossy(weights: str | None = None, **_) -> bool:
 def lower(program: Program, path: Path, portable: bool = False, weights: str | None = None, provider: str = "auto") -> None:
     """Write `program` as an ONNX model at `path`: with ONNX Runtime's fused kernels selected,
     or in standard ONNX alone when `portable`; with matmul weights quantized to `weights`."""
-    lowered, translations, table = program, None, decompositions()
+    lowered, translations = program, None
     if not portable:
         lowered = select_graph_kernels(program)
         translations = contrib.translations()
-        for op in translations:
-            table.pop(op, None)  # ops ONNX Runtime runs fused stay whole for their translation
-    ep = lowered.ep
-    if holds_skim_ops(ep):
-        ep = ep.run_decompositions(table)  # skim ops become standard ATen, then ONNX
-    export_onnx(program, ep, path, translations, None if portable else onnx_rules.apply)
+    export_onnx(program, lowered.ep, path, translations, None if portable else onnx_rules.apply)
     if weights is not None:
         quantize_weights(path, WEIGHTS[weights])
+    return {external_data(path): "weights (ONNX external data)"}
+
+
+def external_data(path: Path) -> str:
+    """The file beside an engine that holds its weights: kept apart from the graph, so reading
+    the graph (`_cache_in_place`, tools) does not parse hundreds of megabytes."""
+    return path.name + ".data"
 
 
 def quantize_weights(path: Path, bits: int) -> None:
@@ -106,9 +110,8 @@ def quantize_weights(path: Path, bits: int) -> None:
         quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=WEIGHT_BLOCK, is_symmetric=True,
                                          accuracy_level=4)
         quantizer.process()
-    for stale in path.parent.glob(path.name + "*.data"):
-        stale.unlink()
-    onnx.save(quantizer.model.model, str(path), save_as_external_data=True, location=path.name + ".data")
+    (path.parent / external_data(path)).unlink()  # onnx.save appends to an existing data file
+    onnx.save(quantizer.model.model, str(path), save_as_external_data=True, location=external_data(path))
 
 
 def export_onnx(program: Program, ep: torch.export.ExportedProgram, path: Path, translations: dict | None = None,
@@ -116,8 +119,10 @@ def export_onnx(program: Program, ep: torch.export.ExportedProgram, path: Path, 
     """Write `ep` (the program, or a lowered form of it) as ONNX named like the program;
     `translations` map ops to onnxscript functions of their own (custom nodes), and `rewrite`
     edits the exported `onnx_ir` model before it is saved."""
-    with _quiet():
-        onnx_program = torch.onnx.export(ep, (), dynamo=True, verbose=False, custom_translation_table=translations)
+    with _quiet(), _skim_ops_decomposed(translations or {}):
+        onnx_program = torch.onnx.export(ep, (), dynamo=True, verbose=False, optimize=False,
+                                         custom_translation_table=translations)
+        clean_up(onnx_program.model)
     if translations:
         _type_untyped_values(onnx_program.model, ep)
     outputs = onnx_program.model.graph.outputs
@@ -127,7 +132,23 @@ def export_onnx(program: Program, ep: torch.export.ExportedProgram, path: Path, 
     if rewrite is not None:
         rewrite(onnx_program.model)
     with _quiet():
-        onnx_program.save(str(path))
+        onnx_program.save(str(path), external_data=True)
+
+
+@contextlib.contextmanager
+def _skim_ops_decomposed(translations: dict):
+    """Let the exporter's own decomposition turn skim ops into ATen (ops with a translation of
+    their own stay whole): it decomposes with torch's global table, and tracing the program a
+    second time for a decomposition of ours would double the build's slowest step."""
+    from torch._decomp import decomposition_table
+
+    added = {op: fn for op, fn in decompositions().items() if op not in translations and op not in decomposition_table}
+    decomposition_table.update(added)
+    try:
+        yield
+    finally:
+        for op in added:
+            del decomposition_table[op]
 
 
 def _type_untyped_values(model, ep: torch.export.ExportedProgram) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from skimformer.backends.onnxruntime import export_onnx
+from skimformer.backends.onnxruntime import export_onnx, external_data
 from skimformer.errors import UserError
 from skimformer.ir import Model, Program
 
@@ -120,13 +120,15 @@ def _translation(op: torch._ops.OpOverload):
     return to_plugin
 
 
-def lower(program: Program, path: Path) -> None:
-    """Write `program` as ONNX with every `skim` op as a TensorRT plugin node."""
+def lower(program: Program, path: Path) -> dict[str, str]:
+    """Write `program` as ONNX with every `skim` op as a TensorRT plugin node; returns the file
+    beside it that holds its weights."""
     ops = skim_ops()
     _register_schemas(ops)
     # Core ATen first (skim ops stay: they have no decomposition there): the exporter's own
     # decomposition of a program that holds them fails on views after a merge (symbolic strides).
     export_onnx(program, program.ep.run_decompositions(), path, {op: _translation(op) for op in ops})
+    return {external_data(path): "weights (ONNX external data)"}
 
 
 def write_stage_one(model: Model, folder: str | Path, arch: int = 90, kernels: list | None = None) -> dict[str, list[str]]:

@@ -19,7 +19,7 @@ import torch
 
 import skimformer.kernels  # noqa: F401  (registers the skim ops rewritten programs hold)
 from skimformer.errors import UserError, cause
-from skimformer.ir.program import Model, Program
+from skimformer.ir.program import LOADED_FROM, Model, Program
 from skimformer.ir.treespecs import reading_specs
 
 HOW_TO_EXPORT = "save one with torch.export.save(torch.export.export(model, args), PATH) or `skimformer export MODEL_DIR -o OUT`"
@@ -107,6 +107,7 @@ def load_program(path: str | Path, role: str = "model") -> Program:
     except Exception as e:  # torch raises many types for unreadable archives
         raise UserError(f"{path} could not be read as an exported program ({cause(e)}): {HOW_TO_EXPORT}") from None
     _drop_expression_ranges(ep)
+    LOADED_FROM[ep] = path.resolve()
     return Program(ep=ep, role=role)
 
 

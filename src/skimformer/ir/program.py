@@ -2,6 +2,8 @@
 programs a model is made of (`model`, or `prefill` + `decode` for a causal LM)."""
 from __future__ import annotations
 
+import shutil
+import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -42,6 +44,11 @@ def leaf_names(spec: pytree.TreeSpec, fallback: str) -> list[str]:
     if len(names) != n or len(set(names)) != n or not all(names):
         return [fallback] if n == 1 else [f"{fallback}_{i}" for i in range(n)]
     return names
+
+
+# The file each loaded ExportedProgram was read from: saving one that no pass replaced copies the
+# file (a second) instead of serializing it again (tens of seconds for a 500 MB decoder).
+LOADED_FROM: "weakref.WeakKeyDictionary[ExportedProgram, Path]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(eq=False)
@@ -127,7 +134,11 @@ class Program:
         return dict(zip(self.output_names, pytree.tree_leaves(out)))
 
     def save(self, path: str | Path) -> None:
-        torch.export.save(self.ep, str(path))
+        source = LOADED_FROM.get(self.ep)
+        if source is not None and source.is_file():
+            shutil.copyfile(source, path)
+        else:
+            torch.export.save(self.ep, str(path))
 
     def with_ep(self, ep: ExportedProgram) -> "Program":
         """The same role and example inputs over a rewritten ExportedProgram."""

@@ -8,16 +8,48 @@ element-wise regions (residual + norm) run on the exported ONNX graph.
 """
 from __future__ import annotations
 
+import copy
+
+import torch
+import torch.fx as fx
+from torch.export.graph_signature import ExportGraphSignature, OutputSpec, TensorArgument
+
 from skimformer.backends.ort_kernels.attention import fuse_cache_attention
 from skimformer.ir import Program
-from skimformer.ir.rewrite import eliminate_dead_code, reexport
+from skimformer.ir.rewrite import eliminate_dead_code
 
 
 def select_graph_kernels(program: Program) -> Program:
-    """The program with the FX-level rules applied (re-exported when anything changed); layers a
-    rule does not fit keep the exporter's ops."""
-    module = program.ep.module()
-    if not fuse_cache_attention(module):
+    """The program with the FX-level rules applied; layers a rule does not fit keep the
+    exporter's ops. The rules edit a copy of the program's own graph (same weights, shapes
+    already known) rather than a module to export again: the exporter traces it once anyway."""
+    ep = program.ep
+    gm = fx.GraphModule(ep.graph_module, copy.deepcopy(ep.graph))
+    if not fuse_cache_attention(program.module, gm.graph):
         return program
-    eliminate_dead_code(module.graph)
-    return reexport(program, module)
+    eliminate_dead_code(gm.graph)
+    _infer_values(gm.graph)
+    gm.recompile()
+    outputs = [a.name for a in next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]]
+    specs = [OutputSpec(kind=s.kind, arg=TensorArgument(name=name), target=s.target)
+             if isinstance(s.arg, TensorArgument) else s for s, name in zip(ep.graph_signature.output_specs, outputs)]
+    signature = ExportGraphSignature(input_specs=ep.graph_signature.input_specs, output_specs=specs)
+    fused = torch.export.ExportedProgram(root=gm, graph=gm.graph, graph_signature=signature,
+                                         state_dict=ep.state_dict, range_constraints=ep.range_constraints,
+                                         module_call_graph=copy.deepcopy(ep.module_call_graph),
+                                         example_inputs=ep.example_inputs, constants=ep.constants,
+                                         verifiers=ep.verifiers)
+    return program.with_ep(fused)
+
+
+def _infer_values(graph: fx.Graph) -> None:
+    """Give the nodes a rule inserted the fake values export would have traced (their dtypes and
+    shapes type the ONNX graph's custom nodes)."""
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode([n.meta["val"] for n in graph.nodes if "val" in n.meta])
+    with fake_mode:
+        for node in graph.nodes:
+            if node.op == "call_function" and "val" not in node.meta:
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
+                node.meta["val"] = node.target(*args, **kwargs)

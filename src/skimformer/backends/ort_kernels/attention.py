@@ -26,7 +26,6 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from skimformer.ir.signature import output_node
 from skimformer.kernels.channel_quant import causal_attention
 
 
@@ -51,20 +50,29 @@ def _(q, k, v, past_key, past_value, bias, scale):
 OP = torch.ops.skim_ort.group_query_attention.default
 
 
-def fuse_cache_attention(module: fx.GraphModule) -> int:
-    """Rewrite every layer whose cache and attention fit the kernel; returns how many were."""
+def fuse_cache_attention(module: fx.GraphModule, graph: fx.Graph | None = None) -> int:
+    """Rewrite every layer whose cache and attention fit the kernel; returns how many were.
+
+    The layers are found in `module` (the program's `ep.module()`); the rewrite goes into
+    `graph`, by default the module's own, or another copy of the program's graph whose nodes
+    bear the same names (the program's lifted graph, which export does not need to trace again)."""
     from skimformer.passes.cache_attention import additive, cache_attentions
 
     found, _ = cache_attentions(module, "kernel selection")
-    graph, out = module.graph, output_node(module)
+    graph = module.graph if graph is None else graph
+    same = {n.name: n for n in graph.nodes}
+    node_in = lambda n: n if n is None or isinstance(n, float) else same[n.name]  # noqa: E731
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
     for layer in found:
-        site = layer.layer.attention
-        with graph.inserting_before(site.node):
-            node = graph.call_function(OP, (site.q, layer.k_new, layer.v_new, layer.layer.past_key,
-                                            layer.layer.past_value, additive(graph, layer.mask), layer.scale))
+        site = node_in(layer.layer.attention.node)
+        with graph.inserting_before(site):
+            node = graph.call_function(OP, (node_in(layer.layer.attention.q), node_in(layer.k_new),
+                                            node_in(layer.v_new), node_in(layer.layer.past_key),
+                                            node_in(layer.layer.past_value), additive(graph, node_in(layer.mask)),
+                                            layer.scale))
             node.meta["skim"] = "kernel-selection"
             attended, key, value = (graph.call_function(operator.getitem, (node, i)) for i in range(3))
-        site.node.replace_all_uses_with(attended)
-        out.replace_input_with(layer.layer.key, key)
-        out.replace_input_with(layer.layer.value, value)
+        site.replace_all_uses_with(attended)
+        out.replace_input_with(node_in(layer.layer.key), key)
+        out.replace_input_with(node_in(layer.layer.value), value)
     return len(found)
