@@ -4,6 +4,8 @@ trials.jsonl, the "nothing helps" answer through the CLI, and a search on a loca
 The space is `skip` (skip-layers or skip-ffn of block 1, or nothing): the cheapest passes to
 build, so each search takes seconds a trial."""
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,3 +114,17 @@ def test_a_search_on_a_local_ray_cluster_of_two_workers(bert, data, tmp_path, lo
         assert r["speed"] > 0 and r["figures"]["cosine"] >= 0.9 and r["timing"]["runs"] >= 5
     assert result.summary["held_out"]["figures"]["cosine"] >= 0.9
     assert (out / "trials.png").is_file() and Engine.load(out / "engine").roles == ["model"]
+
+
+def test_a_remote_worker_gets_the_model_and_exit_heads_as_bytes(bert, tmp_path):
+    from skimformer.ir import load
+    from skimformer.tuning.ray_pool import ModelFiles
+
+    heads = tmp_path / "exit-heads.safetensors"
+    heads.write_bytes(b"adapters")
+    files = ModelFiles.shipped(str(bert), str(heads))  # what `--ray ADDRESS` puts in the object store
+    path, aliases = files.materialize()  # what each actor does with it, on its own disk
+    assert path != str(bert) and load(path).programs["model"].input_names == ["input_ids", "attention_mask"]
+    (local,) = aliases.values()
+    assert aliases == {str(heads): local} and open(local, "rb").read() == b"adapters"
+    shutil.rmtree(Path(path).parent)

@@ -28,7 +28,6 @@ from skimformer.backends.measure import measure_decoder
 from skimformer.backends.teacher_forcing import Decoder, Run, forced_logits
 from skimformer.passes.fidelity import next_token_metrics
 
-MASK = "attention_mask"
 TIMING_S = 2.0  # an encoder's timing: at least MIN_RUNS calls of each engine, then until this is spent
 MIN_RUNS = 5
 DECODE_TOKENS = 16  # a decoder's request: the prompt's prefill, then these decode steps

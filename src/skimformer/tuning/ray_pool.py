@@ -16,6 +16,7 @@ Each actor reserves `threads` CPUs and runs torch and the engines on that many t
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +60,17 @@ class ModelFiles:
 
 
 class RemoteWorker(Worker):
-    """A Worker that first puts the model where it can read it."""
+    """A Worker that first puts the model where it can read it (and removes its copy at the end)."""
 
     def __init__(self, files: ModelFiles, rows: Rows, backend: str, options: dict, threads: int):
         path, aliases = files.materialize()
+        self.copy = None if files.files is None else Path(path) if Path(path).is_dir() else Path(path).parent
         super().__init__(path, rows, backend, options, threads, aliases)
+
+    def close(self) -> None:
+        super().close()
+        if self.copy is not None:
+            shutil.rmtree(self.copy, ignore_errors=True)
 
 
 class RayPool:

@@ -1,17 +1,18 @@
 """The search: Optuna's multi-objective TPE sampler, asked and told in rounds.
 
 Objectives: speed (ratio to the unoptimized engine, maximized) and the primary budget's metric;
-every budget is a constraint (`constraints_func`: how far a trial is outside each budget), so the
+every budget is a constraint (`Trial.set_constraint`: how far a trial is outside it), so the
 sampler learns where the feasible region lies. TPE rather than NSGA-II: searches here last tens
 of trials, below one NSGA-II population.
 
 A round asks for two candidates per worker and screens them all (`Worker.screen`). Candidates the
-screen puts outside a budget, and those that save no FLOPs or bytes by their passes' reports (and
-have no run-time saving: exits, quantized weights), are told to Optuna as pruned: no engine is
-built for them. Optuna's pruners are not used for this: they compare a trial's intermediate
+screen puts outside a budget, and those whose passes all matched nothing (and that quantize no
+weights), the unoptimized program again, are told to Optuna as pruned: no engine is built for them. Optuna's pruners are not used for this: they compare a trial's intermediate
 values with other trials' (and do not support several objectives), while the budget is an absolute
-bound known in advance. The rest are ranked by their work estimate, least work first, and their
-engines are built and timed in that order, so a `--time` limit is spent on the most promising.
+bound known in advance. The rest are ranked by their work estimate (FLOPs and KV bytes after / before,
+from the passes' reports), least work first, and their engines are built and timed in that order,
+so a `--time` limit is spent on the most promising. The estimate only ranks: the passes measure it
+on their programs' example inputs, which a KV pass's window may not reach.
 
 Every finished trial is appended to `trials.jsonl` at once. A resumed search replays those lines
 into the study (`enqueue_trial` with the same fields, told the stored results), so the sampler
@@ -31,9 +32,8 @@ from skimformer.tuning.pool import Job, run_jobs
 from skimformer.tuning.space import Candidate, Space
 
 PER_WORKER = 2  # candidates screened per worker and round
-NO_SAVING = 0.999  # a work estimate at or above this saves nothing measurable
 EXHAUSTED = 50  # consecutive candidates already tried: the space holds nothing new
-STARTUP = 8  # random trials before TPE models the results
+STARTUP = 4  # trials before TPE models the results, at least; the space's starting points are the initial design
 
 
 def require_optuna():
@@ -73,9 +73,8 @@ class Search:
         primary = budgets[0]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", self.optuna.exceptions.ExperimentalWarning)
-            sampler = self.optuna.samplers.TPESampler(
-                seed=seed, multivariate=True, group=True, n_startup_trials=STARTUP,
-                constraints_func=lambda t: t.user_attrs.get("violations", [1.0] * len(budgets)))
+            sampler = self.optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                                      n_startup_trials=max(STARTUP, len(space.starts())))
         self.study = self.optuna.create_study(directions=["maximize", "maximize" if primary.floor else "minimize"],
                                               sampler=sampler)
         self.records: list[dict] = []
@@ -92,8 +91,8 @@ class Search:
 
     def _tell(self, trial, record: dict) -> None:
         state = self.optuna.trial.TrialState
-        if record.get("violations") is not None:
-            trial.set_user_attr("violations", record["violations"])
+        for b, v in zip(self.budgets, record.get("violations") or []):
+            trial.set_constraint(str(b), v)  # TPE models where the feasible region lies
         if record["state"] == "complete":
             self.study.tell(trial, [record["speed"], record["figures"][self.budgets[0].metric]])
         else:
@@ -189,9 +188,9 @@ class Search:
         missed = describe([b for b in self.budgets if b.metric in screen], screen)
         if missed:
             return f"outside the budget at the screen: {missed}"
-        dynamic = candidate.weights is not None or "early-exit" in candidate.pipeline
-        if result["estimate"] >= NO_SAVING and not dynamic:
-            return f"saves no work (FLOPs and bytes estimate {result['estimate']:.3f} of the unoptimized)"
+        if not result["changed"] and candidate.weights is None:
+            return "changes nothing: the unoptimized program" + (f" ({', '.join(result['unmatched'])} matched nothing)"
+                                                                  if result["unmatched"] else "")
         return None
 
     def _finish(self, trial, record: dict) -> None:

@@ -99,7 +99,7 @@ class Worker:
             return _failed(e, start)
         self._screened[number] = (candidate, rewritten, records, fidelity)
         return {"state": "screened", "screen": figures, "estimate": round(work_estimate(records), 4),
-                "unmatched": [r.name for r in records if not r.matched],
+                "changed": any(r.matched for r in records), "unmatched": [r.name for r in records if not r.matched],
                 "seconds": {"screen": round(time.perf_counter() - start, 2)}}
 
     def _screen_figures(self, rewritten: Model, fidelity: dict) -> dict:
