@@ -31,9 +31,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import THREADS, print_table, setup_threads  # noqa: E402
 
-# This folder's kernels.py would shadow the `kernels` package that transformers probes for.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
-
 from skimformer.backends.engine import Engine  # noqa: E402
 from skimformer.backends.generation import CopiedCache  # noqa: E402
 

@@ -18,7 +18,7 @@ launch, so their bandwidth says little). A last table compares `quant_attention`
 cache with fp16 `scaled_dot_product_attention` over the same cache in full precision at 8k
 tokens, target >= 2x (the 4-bit cache with its scales is about a third of the bytes).
 
-Runs with torch and triton alone: `PYTHONPATH=src python benchmarks/kernels.py`. Without CUDA it
+Runs with torch and triton alone: `PYTHONPATH=src python benchmarks/triton_kernels.py`. Without CUDA it
 exits with a message, unless `--interpret-smoke`: then every kernel runs once on tiny CPU shapes
 under Triton's interpreter and is compared with its reference (exit status 1 on a mismatch).
 """
@@ -106,7 +106,7 @@ def token_cases(s: Sizes, device) -> list[Case]:
     kept = tokens.gather_tokens_ref(x, idx, 1)
     src = tokens.token_sources_ref(idx, n, 0)
     size = merge.token_sizes_ref(x, None, 1)
-    metric = k.mean(dim=1).float()  # fp32: the reference's masked_fill(NEG) overflows fp16
+    metric = k.mean(dim=1)
     r = n // 12
     keep_idx, sources = merge.bipartite_match_ref(metric, size, r, 1)
     m = s.bert_tokens
@@ -401,7 +401,7 @@ def main(argv=None) -> int:
     if args.interpret_smoke:
         return smoke()
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU (it times Triton kernels); without one, "
+        print("benchmarks/triton_kernels.py needs a CUDA GPU (it times Triton kernels); without one, "
               "`--interpret-smoke` runs every kernel once on CPU under Triton's interpreter", file=sys.stderr)
         return 2
     return benchmark(args)
