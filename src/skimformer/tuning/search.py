@@ -45,12 +45,13 @@ def require_optuna():
     return optuna
 
 
-def violations(budgets: list[Budget], figures: dict) -> list[float]:
-    """Per budget, how far `figures` are outside it (<= 0: within); 1.0 for a figure not measured."""
+def violations(budgets: list[Budget], figures: dict, missing: float = 1.0) -> list[float]:
+    """Per budget, how far `figures` are outside it (<= 0: within); `missing` for a figure not
+    measured (an engine's: outside, since it cannot be shown within; a screen's: 0, left to the engine)."""
     out = []
     for b in budgets:
         v = b.violation(figures)
-        out.append(1.0 if v is None else round(v, 6))
+        out.append(missing if v is None else round(v, 6))
     return out
 
 
@@ -95,8 +96,8 @@ class Search:
             trial.set_constraint(str(b), v)  # TPE models where the feasible region lies
         if record["state"] == "complete":
             self.study.tell(trial, [record["speed"], record["figures"][self.budgets[0].metric]])
-        else:
-            self.study.tell(trial, state=state.PRUNED if record["state"] == "pruned" else state.FAIL)
+        else:  # pruned, or failed: infeasible (TPE ignores failed trials, and would propose them again)
+            self.study.tell(trial, state=state.PRUNED if record.get("violations") is not None else state.FAIL)
 
     def replay(self, previous: list[dict]) -> None:
         """Tell the study the trials of an earlier run of this search, then queue the space's
@@ -126,7 +127,7 @@ class Search:
                 earlier = self.done.get(candidate.key)
                 if earlier is not None or candidate.key in {c.key for _, c in fresh}:
                     repeats += 1  # already tried (or asked this round): its result again, nothing run
-                    self._tell(trial, earlier or {"state": "failed"})
+                    self._tell(trial, earlier or {"state": "asked twice"})
                     continue
                 repeats = 0
                 fresh.append((trial, candidate))
@@ -168,6 +169,8 @@ class Search:
                 record["within_budget"] = max(record["violations"], default=0) <= 0
                 if self.budgets[0].metric not in result["figures"]:
                     record.update(state="failed", reason=f"the engine's outputs give no {self.budgets[0].metric}")
+            if record["state"] == "failed":
+                record["violations"] = [1.0] * len(self.budgets)
             self._finish(trial, record)
 
     def _record(self, trial, candidate: Candidate, worker: int, result: dict) -> dict:
@@ -176,11 +179,11 @@ class Search:
                   "seconds": dict(result.get("seconds", {}))}
         if result["state"] == "screened":
             record.update(estimate=result["estimate"], screen=result["screen"],
-                          violations=violations(self.budgets, result["screen"]) if result["screen"] else None)
+                          violations=violations(self.budgets, result["screen"], missing=0.0))
             if result["unmatched"]:
                 record["unmatched"] = result["unmatched"]
         else:
-            record["reason"] = result["reason"]
+            record.update(reason=result["reason"], violations=[1.0] * len(self.budgets))
         return record
 
     def _prune_reason(self, candidate: Candidate, result: dict) -> str | None:

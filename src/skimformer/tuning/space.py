@@ -16,9 +16,11 @@ Pipeline order follows the passes' own constraints: kv-window and kv-evict rewri
 attention over its cache and refuse a cache that a block rewrite left unread, so they come first;
 then token passes and exits, whose layer indices (and calibrated adapters) count the model's own
 blocks, which skip passes would renumber; kv-quant's quantized attention is no block the others
-know, so it comes last. tome and skip-ffn do not compose (tome merges where skip-ffn cuts, between
-attention and MLP): a trial that picks both runs tome alone. Other combinations a pass refuses
-fail at the screen.
+know, so it comes last. Two pairs do not compose, and a trial that picks both runs the first
+alone: tome and skip-ffn (tome merges where skip-ffn cuts, between attention and MLP), and exits
+and skip passes (an exit puts the later blocks inside a conditional, where skip passes find no
+block; skipping first would renumber the blocks the exit adapters were calibrated for). Other
+combinations a pass refuses fail at the screen, and are told to Optuna as infeasible.
 
 The search starts from each method alone at a middle setting (`starts`): with tens of trials, a
 random start would mostly combine several lossy passes and fall outside the budget, while single
@@ -134,11 +136,10 @@ class Space:
         """A candidate from an Optuna trial (its `suggest_*` calls decide the fields)."""
         kv = self._kv(trial)
         first, last = ("", kv) if kv.startswith("kv-quant") else (kv, "")
-        tokens = self._tokens(trial)
-        skip = self._skip(trial)
-        if tokens.startswith("tome") and skip.startswith("skip-ffn"):
+        tokens, exits, skip = self._tokens(trial), self._exit(trial), self._skip(trial)
+        if exits or (tokens.startswith("tome") and skip.startswith("skip-ffn")):
             skip = ""
-        parts = [p for p in (first, tokens, self._exit(trial), skip, last) if p]
+        parts = [p for p in (first, tokens, exits, skip, last) if p]
         weights = trial.suggest_categorical("weights", ["none", "int8", "int4"]) if "weights" in self.groups else "none"
         return Candidate("; ".join(parts), None if weights == "none" else weights)
 
