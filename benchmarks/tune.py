@@ -28,12 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-# transformers imports the `kernels` package when it is installed, which benchmarks/kernels.py would
-# shadow once this folder is on the path: let transformers find the package first.
-HERE = str(Path(__file__).resolve().parent)
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(HERE)]
-import transformers.activations  # noqa: E402,F401
-sys.path.insert(0, HERE)
+sys.path.insert(0, str(Path(__file__).parent))
 from common import THREADS, Sections, interleaved_ms, setup_threads  # noqa: E402
 import tokens as tok  # noqa: E402  (the token benchmark's exports, hand-picked rows and cached engines)
 
