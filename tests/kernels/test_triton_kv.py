@@ -156,7 +156,7 @@ def test_quantize(bits, d, group, channels):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_quantize_half_precision_bit_exact(dtype):
-    """The reference rounds to the cache's dtype after every step; so does the kernel."""
+    """The reference computes in fp32 and rounds each scale to the cache's dtype once; so does the kernel."""
     x = (torch.randn(1, 2, 40, 32) * 2).to(dtype)
     for channels in (0, 8):
         assert_same(tk.kv_quantize(x, 4, 8, 3, channels), quant.kv_quantize_ref(x, 4, 8, 3, channels), rtol=0, atol=0)
@@ -164,7 +164,9 @@ def test_quantize_half_precision_bit_exact(dtype):
 
 def test_quantize_constant_blocks_and_short_caches():
     x = torch.ones(1, 1, 12, 16)
-    assert_same(tk.kv_quantize(x, 4, 4, 0, 0), quant.kv_quantize_ref(x, 4, 4, 0, 0), rtol=0, atol=0)
+    for dtype in (torch.float32, torch.float16):  # the scale floor is the dtype's (1e-8 is 0 in fp16)
+        assert_same(tk.kv_quantize(x.to(dtype), 4, 4, 0, 0), quant.kv_quantize_ref(x.to(dtype), 4, 4, 0, 0),
+                    rtol=0, atol=0)
     short = torch.randn(1, 2, 5, 16)  # residual >= tokens: nothing is quantized
     assert_same(tk.kv_quantize(short, 4, 4, 8, 4), quant.kv_quantize_ref(short, 4, 4, 8, 4), rtol=0, atol=0)
 
@@ -223,10 +225,10 @@ def test_quant_attention_nothing_quantized_and_broadcast_masks():
 def test_quant_attention_fp16():
     cache = quantized_cache(1, 2, 70, 32, 4, 16, 5, 16, dtype=torch.float16)
     q = torch.randn(1, 4, 1, 32, dtype=torch.float16)
-    # additive: with a boolean mask the reference's masked_fill(-1e30) overflows fp16
-    mask = masks(1, 1, cache[0].shape[2] + cache[6].shape[2])[2].half()
-    assert_same(tk.quant_attention(q, *cache, mask, 32 ** -0.5, 4, 16, 16),
-                quant.quant_attention_ref(q, *cache, mask, 32 ** -0.5, 4, 16, 16), rtol=1e-2, atol=1e-2)
+    for mask in masks(1, 1, cache[0].shape[2] + cache[6].shape[2])[1:]:  # boolean and additive
+        mask = mask if mask.dtype == torch.bool else mask.half()
+        assert_same(tk.quant_attention(q, *cache, mask, 32 ** -0.5, 4, 16, 16),
+                    quant.quant_attention_ref(q, *cache, mask, 32 ** -0.5, 4, 16, 16), rtol=1e-2, atol=1e-2)
 
 
 def test_every_op_has_a_launcher_and_every_kernel_an_aot_config():

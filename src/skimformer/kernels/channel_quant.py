@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from skimformer.kernels.precision import most_negative
+
 CODE_RANGE = {8: (-128, 127), 4: (-8, 7)}
 
 
@@ -54,7 +56,7 @@ def causal_attention(q: Tensor, key: Tensor, value: Tensor, bias: Tensor | None,
     GroupQueryAttention computes."""
     s, t = q.shape[2], key.shape[2]
     causal = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
-    mask = torch.zeros(s, t, dtype=q.dtype, device=q.device).masked_fill(~causal, torch.finfo(q.dtype).min)
+    mask = torch.zeros(s, t, dtype=q.dtype, device=q.device).masked_fill(~causal, most_negative(q.dtype))
     if bias is not None:
         mask = mask + bias
     return torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale, enable_gqa=True)

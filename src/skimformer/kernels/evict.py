@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from skimformer.kernels.precision import most_negative
 from skimformer.kernels.tokens import kept_count
 
-NEG = -1e30  # below any real score
 # Ranks for the selection are float64 (constants that float32 holds: the ONNX export keeps them
 # as float32): protected recent tokens rank above every score, padding below, each by position. Real scores tie exactly, e.g. key norms of a repeated
 # token (rotary rotations keep norms), and engines order ties differently; scaling each score by
@@ -42,12 +42,12 @@ def kv_attention_scores_ref(q: Tensor, k: Tensor, mask: Tensor, scale: float, wi
         q = q.narrow(2, start, n - start)
     w = q.shape[2]
     grouped = q.reshape(b, h_kv, h // h_kv, w, d)
-    logits = (grouped @ k.unsqueeze(2).transpose(-1, -2)).float() * scale  # [B, H_kv, G, w, T]
+    logits = (grouped.float() @ k.float().unsqueeze(2).transpose(-1, -2)) * scale  # [B, H_kv, G, w, T]
     q_pos = torch.arange(w, device=q.device) + (t - w)
     k_pos = torch.arange(t, device=q.device)
     real = mask.bool()
     allowed = (k_pos[None, :] <= q_pos[:, None])[None] & real[:, None, :]  # [B, w, T]
-    logits = logits.masked_fill(~allowed[:, None, None], NEG)
+    logits = logits.masked_fill(~allowed[:, None, None], most_negative(logits.dtype))
     probs = torch.softmax(logits, dim=-1) * real.narrow(1, t - w, w).to(logits.dtype)[:, None, None, :, None]
     scores = probs.sum(dim=(2, 3))
     if pool > 1:

@@ -10,6 +10,11 @@ keep their original order, so [CLS] stays first and position-indexed heads (pool
 Padding: a token's size counts the real tokens it stands for, 0 for padding. Padding is merged
 first, never serves as a destination for a real token, and weighs nothing in a mean, so real
 tokens never absorb padding values and padding never outlives real tokens.
+
+Sizes, similarities and means are computed in fp32 whatever the program's dtype: bf16 counts
+integers exactly only up to 256, and in fp16 or bf16 the position tie-break below (1e-6) vanishes
+in rounding, so equal similarities would be broken differently by each engine. Sizes are fp32
+outputs; merged tokens keep their dtype.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from torch import Tensor
 
 from skimformer.kernels.tokens import valid_tokens
 
-NEG = -1e30
+NEG = -1e30  # an fp32 similarity rank below any real one (protected tokens rank at 3 * NEG)
 TIE = 1e-6  # position tie-break: equal similarities pick the same pairs on every backend
 
 
@@ -34,9 +39,9 @@ def merge_count(n, r: int, protect: int):
 
 
 def token_sizes_ref(x: Tensor, mask: Tensor | None, dim: int) -> Tensor:
-    """`[B, N]` starting sizes: 1 for a real token, 0 for padding (from an attention mask)."""
-    like = x.new_zeros((x.shape[0], x.shape[dim]))
-    return valid_tokens(mask, like).to(x.dtype)
+    """`[B, N]` fp32 starting sizes: 1 for a real token, 0 for padding (from an attention mask)."""
+    like = x.new_zeros((x.shape[0], x.shape[dim]), dtype=torch.float32)
+    return valid_tokens(mask, like).to(torch.float32)
 
 
 def bipartite_match_ref(metric: Tensor, size: Tensor, r: int, protect: int) -> tuple[Tensor, Tensor]:
@@ -48,6 +53,7 @@ def bipartite_match_ref(metric: Tensor, size: Tensor, r: int, protect: int) -> t
     batch, n = metric.shape[0], metric.shape[1]
     k = merge_count(n, r, protect)
     removed = n - k
+    metric = metric.float()
     unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = unit[:, ::2], unit[:, 1::2]
     valid = size > 0
@@ -81,18 +87,20 @@ def _along(t: Tensor, like: Tensor, dim: int) -> Tensor:
 def bipartite_merge_ref(x: Tensor, size: Tensor, sources: Tensor, keep: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """Merge `x` along `dim` as `sources` says: each survivor becomes the size-weighted mean of
     the tokens that point at it. Returns the merged tensor `[.., K, ..]` and the sizes `[B, K]`.
-    A survivor that stands only for padding keeps its own value."""
+    A survivor that stands only for padding keeps its own value. Sums in fp32; the merged tensor
+    in `x`'s dtype, the sizes in fp32."""
     count = keep.shape[1]
-    weights = size.to(x.dtype)
+    weights = size.float()
+    values = x.float()
     shape = list(x.shape)
     shape[dim] = count
     index = _along(sources, x, dim).expand(x.shape)
-    total = x.new_zeros(shape).scatter_add(dim, index, x * _along(weights, x, dim))
+    total = values.new_zeros(shape).scatter_add(dim, index, values * _along(weights, x, dim))
     new_size = weights.new_zeros((x.shape[0], count)).scatter_add(1, sources, weights)
-    own = torch.gather(x, dim, _along(keep, x, dim).expand(shape))
+    own = torch.gather(values, dim, _along(keep, x, dim).expand(shape))
     denominator = _along(new_size, x, dim)
     merged = torch.where(denominator > 0, total / denominator.clamp_min(1e-12), own)
-    return merged, new_size
+    return merged.to(x.dtype), new_size
 
 
 @torch.library.custom_op("skim::token_sizes", mutates_args=())
@@ -102,7 +110,7 @@ def token_sizes(x: Tensor, mask: Tensor | None, dim: int) -> Tensor:
 
 @token_sizes.register_fake
 def _(x, mask, dim):
-    return x.new_empty((x.shape[0], x.shape[dim]))
+    return x.new_empty((x.shape[0], x.shape[dim]), dtype=torch.float32)
 
 
 @torch.library.custom_op("skim::bipartite_match", mutates_args=())
@@ -126,7 +134,7 @@ def bipartite_merge(x: Tensor, size: Tensor, sources: Tensor, keep: Tensor, dim:
 def _(x, size, sources, keep, dim):
     shape = list(x.shape)
     shape[dim] = keep.shape[1]
-    return x.new_empty(shape), size.new_empty((x.shape[0], keep.shape[1]))
+    return x.new_empty(shape), size.new_empty((x.shape[0], keep.shape[1]), dtype=torch.float32)
 
 
 REFERENCES = {

@@ -15,6 +15,11 @@ along the head dim (the lowest bits hold the first channel). Keys and values spl
 token count, so a layer's quantized and full-precision parts stay aligned with the mask
 (quantized tokens first, then the tail).
 
+Statistics, codes and attention are computed in fp32 whatever the cache's dtype (a block's range
+overflows fp16, a small scale underflows it); scales and zeros are stored in the cache's dtype,
+each scale rounded once and the codes computed with the rounded scale, so they decode with what
+is stored.
+
 Every size that depends on the token count is computed with integer arithmetic on the (possibly
 symbolic) count, so programs holding these ops keep dynamic shapes; the references below are
 the definition of correct and the ATen decomposition that ONNX export lowers.
@@ -24,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-NEG = -1e30  # a boolean mask's masked-out logit
+from skimformer.kernels.precision import apply_mask, scale_floor
 
 
 def quantized_length(tokens, group: int, residual: int):
@@ -67,26 +72,28 @@ def _blocks(x: Tensor, group: int, channels: int) -> tuple[Tensor, int]:
 
 
 def quantize_ref(x: Tensor, bits: int, group: int, channels: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Codes, scale and zero of `x` `[B, H, T, D]` (T a multiple of `group` for keys)."""
+    """Codes, scale and zero of `x` `[B, H, T, D]` (T a multiple of `group` for keys); scale and
+    zero in `x`'s dtype."""
     levels = (1 << bits) - 1
-    blocks, axis = _blocks(x, group, channels)
+    blocks, axis = _blocks(x.float(), group, channels)
     zero = blocks.amin(dim=axis, keepdim=True)
     # A constant block has no range: any positive scale codes it exactly as its zero.
-    scale = ((blocks.amax(dim=axis, keepdim=True) - zero) / levels).clamp_min(1e-8)
-    codes = torch.round((blocks - zero) / scale).clamp(0, levels)
-    return pack_ref(codes.reshape(x.shape), bits), scale.squeeze(axis), zero.squeeze(axis)
+    step = ((blocks.amax(dim=axis, keepdim=True) - zero) / levels).clamp_min(scale_floor(x.dtype))
+    scale = step.to(x.dtype)
+    codes = torch.round((blocks - zero) / scale.float()).clamp(0, levels)
+    return pack_ref(codes.reshape(x.shape), bits), scale.squeeze(axis), zero.to(x.dtype).squeeze(axis)
 
 
 def dequantize_ref(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int, channels: int) -> Tensor:
-    """The full-precision `[B, H, Q, D]` that quantized codes stand for.
+    """The full-precision `[B, H, Q, D]` that quantized codes stand for, in fp32.
 
     Each token's (or channel's) scale is gathered by index rather than by viewing the tokens as
     `[Q / group, group]`: splitting a symbolic length makes the exported shape arithmetic divide
     by `Q / group`, which is 0 while nothing is quantized."""
-    values = unpack_ref(codes, bits).to(scale.dtype)
+    values = unpack_ref(codes, bits)
     axis, size, per = (2, values.shape[2], group) if channels == 0 else (3, values.shape[3], channels)
     rows = torch.div(torch.arange(size, device=codes.device), per, rounding_mode="floor")
-    return values * scale.index_select(axis, rows) + zero.index_select(axis, rows)
+    return values * scale.float().index_select(axis, rows) + zero.float().index_select(axis, rows)
 
 
 def kv_quantize_ref(x: Tensor, bits: int, group: int, residual: int, channels: int):
@@ -112,18 +119,18 @@ def quant_attention_ref(q: Tensor, key_codes: Tensor, key_scale: Tensor, key_zer
     """Attention of `q` `[B, H, n, D]` over the dequantized cache followed by the full-precision
     tail (which holds this step's new tokens): keys and values `[B, H_kv, Q + R, D]`, heads
     shared by groups of `H / H_kv` queries (grouped-query attention). `mask`: additive float or
-    boolean keep-mask, broadcastable to `[B, H, n, Q + R]`, over the same token order."""
-    k = torch.cat([dequantize_ref(key_codes, key_scale, key_zero, bits, group, 0), key_tail], dim=2)
-    v = torch.cat([dequantize_ref(value_codes, value_scale, value_zero, bits, group, channels), value_tail], dim=2)
+    boolean keep-mask, broadcastable to `[B, H, n, Q + R]`, over the same token order. Computed in
+    fp32, returned in `q`'s dtype."""
+    k = torch.cat([dequantize_ref(key_codes, key_scale, key_zero, bits, group, 0), key_tail.float()], dim=2)
+    v = torch.cat([dequantize_ref(value_codes, value_scale, value_zero, bits, group, channels), value_tail.float()],
+                  dim=2)
     b, h_kv, t, d = k.shape
     rep = q.shape[1] // h_kv
     if rep != 1:  # repeat_kv: each KV head serves `rep` query heads
         k = k.unsqueeze(2).expand(b, h_kv, rep, t, d).reshape(b, h_kv * rep, t, d)
         v = v.unsqueeze(2).expand(b, h_kv, rep, t, v.shape[-1]).reshape(b, h_kv * rep, t, v.shape[-1])
-    logits = (q @ k.transpose(-1, -2)) * scale
-    if mask is not None:
-        logits = logits.masked_fill(~mask, NEG) if mask.dtype == torch.bool else logits + mask
-    return torch.softmax(logits, dim=-1) @ v
+    logits = apply_mask((q.float() @ k.transpose(-1, -2)) * scale, mask)
+    return (torch.softmax(logits.float(), dim=-1) @ v).to(q.dtype)
 
 
 def _packed(d, bits: int):

@@ -4,6 +4,11 @@
 Each op has a schema and fake implementation (so programs holding it export, save and load), a
 plain-torch reference (the definition of correct, and the ATen decomposition every backend
 lowers it through), collected in `REFERENCES`.
+
+Scores and selections are computed in fp32 whatever the program's dtype: in fp16 or bf16 the
+probabilities of a few dozen tokens round to ties that engines break differently, and the
+sentinel ranks below do not fit. `token_scores` returns fp32 scores (as `kv_attention_scores`
+does); the token values themselves keep their dtype.
 """
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-NEG = -1e30  # a score no real token reaches
+from skimformer.kernels.precision import apply_mask, keeps, most_negative
+
+NEG = -1e30  # an fp32 rank no real token's score reaches (padding ranks below it by position)
 
 
 def gather_tokens_ref(x: Tensor, idx: Tensor, dim: int) -> Tensor:
@@ -64,8 +71,7 @@ def valid_tokens(mask: Tensor | None, scores: Tensor) -> Tensor:
     if mask is None:
         return torch.ones_like(scores, dtype=torch.bool)
     row = mask[:, 0, -1, :] if mask.dim() == 4 else mask
-    valid = row if row.dtype == torch.bool else row > NEG / 2
-    return valid.expand_as(scores)
+    return keeps(row).expand_as(scores)
 
 
 def topk_tokens_ref(scores: Tensor, mask: Tensor | None, keep: float, protect: int) -> Tensor:
@@ -76,21 +82,23 @@ def topk_tokens_ref(scores: Tensor, mask: Tensor | None, keep: float, protect: i
     valid = valid_tokens(mask, scores)
     # Padding scores below every real token and, ties broken by position, the same padding is
     # chosen by every backend (top-k implementations order equal values differently).
-    rank = torch.arange(n, device=scores.device, dtype=scores.dtype)
-    body = torch.where(valid, scores, NEG - rank * 1e24)
+    rank = torch.arange(n, device=scores.device, dtype=torch.float32)
+    body = torch.where(valid, scores.float(), NEG - rank * 1e24)
     first = valid & (valid.long().cumsum(dim=1) <= protect)
     body = torch.where(first, torch.full_like(body, -NEG), body)
     return torch.sort(torch.topk(body, kept_count(n, keep, protect), dim=1).indices, dim=1).values
 
 
 def fuse_tokens_ref(x: Tensor, scores: Tensor, mask: Tensor | None, idx: Tensor, dim: int) -> Tensor:
-    """One token: the mean of the real tokens not in `idx`, weighted by softmax of their scores."""
-    weights = torch.softmax(scores.masked_fill(~valid_tokens(mask, scores), NEG), dim=1)
+    """One token: the mean of the real tokens not in `idx`, weighted by softmax of their scores
+    (weights and sum in fp32, the token in `x`'s dtype)."""
+    scores = scores.float()
+    weights = torch.softmax(scores.masked_fill(~valid_tokens(mask, scores), most_negative(scores.dtype)), dim=1)
     weights = weights * torch.ones_like(weights).scatter(1, idx, 0.0)
     weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
     shape = [1] * x.dim()
     shape[0], shape[dim] = weights.shape[0], weights.shape[1]
-    return (x * weights.reshape(shape)).sum(dim=dim, keepdim=True)
+    return (x.float() * weights.reshape(shape)).sum(dim=dim, keepdim=True).to(x.dtype)
 
 
 def restore_tokens_ref(x: Tensor, src: Tensor, dim: int) -> Tensor:
@@ -106,7 +114,7 @@ def token_sources_ref(idx: Tensor, n: int, fill: int) -> Tensor:
 
 
 def token_scores_ref(q: Tensor, k: Tensor, mask: Tensor | None, scale: float, mode: int) -> Tensor:
-    """Importance of each key token `[B, N]`, averaged over heads.
+    """Importance of each key token `[B, N]` in fp32, averaged over heads.
 
     mode 0: the first query's attention row ([CLS] attention, EViT); mode 1: attention received,
     averaged over all queries; mode 2: minus the key norm (small keys draw attention); mode 3: the
@@ -115,18 +123,17 @@ def token_scores_ref(q: Tensor, k: Tensor, mask: Tensor | None, scale: float, mo
     q: `[B, H, Nq, D]`; k: `[B, H_kv, N, D]` (grouped-query keys are repeated to q's heads);
     mask: additive float or boolean keep-mask broadcastable to `[B, H, Nq, N]`.
     """
+    q, k = q.float(), k.float()
     if mode == 2:
         return -k.norm(dim=-1).mean(dim=1)
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     queries = q[:, :, :1] if mode == 0 else q[:, :, -1:] if mode == 3 else q
     logits = queries @ k.transpose(-1, -2) * scale
-    if mask is not None:
-        rows = mask
-        if mode in (0, 3) and mask.shape[-2] != 1:
-            rows = mask[:, :, :1] if mode == 0 else mask[:, :, -1:]
-        logits = logits.masked_fill(~rows, NEG) if rows.dtype == torch.bool else logits + rows
-    scores = torch.softmax(logits, dim=-1).mean(dim=(1, 2))
+    rows = mask
+    if mask is not None and mode in (0, 3) and mask.shape[-2] != 1:
+        rows = mask[:, :, :1] if mode == 0 else mask[:, :, -1:]
+    scores = torch.softmax(apply_mask(logits, rows).float(), dim=-1).mean(dim=(1, 2))
     if mode == 3:
         last = torch.arange(scores.shape[1], device=scores.device) == scores.shape[1] - 1
         scores = torch.where(last, torch.full_like(scores, 2.0), scores)
@@ -186,7 +193,7 @@ def token_scores(q: Tensor, k: Tensor, mask: Tensor | None, scale: float, mode: 
 
 @token_scores.register_fake
 def _(q, k, mask, scale, mode):
-    return q.new_empty((q.shape[0], k.shape[-2]))
+    return q.new_empty((q.shape[0], k.shape[-2]), dtype=torch.float32)
 
 
 @torch.library.custom_op("skim::token_sources", mutates_args=())

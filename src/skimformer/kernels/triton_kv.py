@@ -45,10 +45,14 @@ import triton.language as tl
 from torch import Tensor
 
 from skimformer.kernels.aot import AotEntry
-from skimformer.kernels.evict import NEG, SPACING, TIE, TOP, kept_tokens
+from skimformer.kernels.evict import SPACING, TIE, TOP, kept_tokens
+from skimformer.kernels.precision import scale_floor
 from skimformer.kernels.quant import quantized_length
 
-_NEG = tl.constexpr(NEG)
+# A masked logit. The references fill with the dtype's most negative value; the kernels scale
+# logits by log2(e) after masking, which would overflow that to -inf (and a row of -inf to NaN),
+# so they fill with a finite value softmax sends to 0 all the same.
+_NEG = tl.constexpr(-1e30)
 _TOP = tl.constexpr(TOP)
 _SPACING = tl.constexpr(SPACING)
 _TIE = tl.constexpr(TIE)
@@ -363,7 +367,7 @@ def _scores_meta(w: int, d: int, dtype: torch.dtype, cuda: bool) -> dict:
 
 @triton.jit
 def _as_dtype(x, DTYPE: tl.constexpr):
-    """`x` (fp32) rounded to the input dtype and back: the reference rounds after every step."""
+    """`x` (fp32) rounded to the input dtype and back: the reference stores scales in that dtype."""
     if DTYPE == tl.bfloat16:
         # to nearest even on the bits: Triton's interpreter truncates in casts to bfloat16
         bits = x.to(tl.uint32, bitcast=True)
@@ -374,16 +378,16 @@ def _as_dtype(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _scale_of(low, high, LEVELS: tl.constexpr, DTYPE: tl.constexpr):
-    """`((max - min) / levels).clamp_min(1e-8)` in the input dtype."""
-    step = _as_dtype(tl.math.div_rn(_as_dtype(high - low, DTYPE), LEVELS * 1.0), DTYPE)
-    return _as_dtype(tl.maximum(step, 1e-8), DTYPE)
+def _scale_of(low, high, LEVELS: tl.constexpr, DTYPE: tl.constexpr, FLOOR: tl.constexpr):
+    """`((max - min) / levels).clamp_min(floor)` in fp32, rounded once to the input dtype
+    (`FLOOR`: the dtype's `precision.scale_floor`)."""
+    return _as_dtype(tl.maximum(tl.math.div_rn(high - low, LEVELS * 1.0), FLOOR), DTYPE)
 
 
 @triton.jit
-def _codes_of(x, zero, scale, LEVELS: tl.constexpr, DTYPE: tl.constexpr):
-    """`round((x - zero) / scale).clamp(0, levels)` as the reference computes it (halves to even)."""
-    v = _as_dtype(tl.math.div_rn(_as_dtype(x - zero, DTYPE), scale), DTYPE)
+def _codes_of(x, zero, scale, LEVELS: tl.constexpr):
+    """`round((x - zero) / scale).clamp(0, levels)` in fp32 as the reference computes it (halves to even)."""
+    v = tl.math.div_rn(x - zero, scale)
     r = tl.floor(v)
     frac = v - r
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
@@ -403,7 +407,7 @@ def _pack(codes, BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 @triton.jit
 def _quantize_keys_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, H, D, group, x_sb, x_sh, x_st, x_sd,
                           out_t0, out_T, scale_r0, scale_R,
-                          BITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+                          BITS: tl.constexpr, FLOOR: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     """One group of `group` tokens: per-channel min and scale, and the packed codes. Outputs are
     contiguous, codes `[B, H, out_T, D * BITS / 8]` written from token `out_t0` and scales
     `[B, H, scale_R, D]` from row `scale_r0` (so `kv_append` quantizes into the grown cache)."""
@@ -420,8 +424,8 @@ def _quantize_keys_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, H, D, group, x_
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     x = x.to(tl.float32)
     zero = tl.where(cols < D, tl.min(tl.where(ok, x, _INF), axis=0), 0.0)  # padding channels: 0 and 1, not inf
-    scale = tl.where(cols < D, _scale_of(zero, tl.max(tl.where(ok, x, -_INF), axis=0), LEVELS, DTYPE), 1.0)
-    codes = tl.where(ok, _codes_of(x, zero[None, :], scale[None, :], LEVELS, DTYPE), 0.0)
+    scale = tl.where(cols < D, _scale_of(zero, tl.max(tl.where(ok, x, -_INF), axis=0), LEVELS, DTYPE, FLOOR), 1.0)
+    codes = tl.where(ok, _codes_of(x, zero[None, :], scale[None, :], LEVELS), 0.0)
     srow = bh * scale_R + scale_r0 + gi
     tl.store(scale_ptr + srow * D + cols, scale.to(scale_ptr.dtype.element_ty), mask=cols < D)
     tl.store(zero_ptr + srow * D + cols, zero.to(zero_ptr.dtype.element_ty), mask=cols < D)
@@ -434,8 +438,8 @@ def _quantize_keys_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, H, D, group, x_
 @triton.jit
 def _quantize_values_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, H, T, D, channels, x_sb, x_sh, x_st, x_sd,
                             out_t0, out_T, scale_r0, scale_R,
-                            BITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                            BLOCK_NB: tl.constexpr, BLOCK_CH: tl.constexpr):
+                            BITS: tl.constexpr, FLOOR: tl.constexpr, BLOCK_T: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_CH: tl.constexpr):
     """A block of tokens: per token, min and scale of each run of `channels` channels, and the
     packed codes; codes as for keys, scales `[B, H, scale_R, D / channels]` from row `scale_r0`."""
     LEVELS: tl.constexpr = (1 << BITS) - 1
@@ -453,7 +457,7 @@ def _quantize_values_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, H, T, D, chan
     x3 = tl.load(base[:, None, None] + cols3[None, :, :] * x_sd, mask=ok3, other=0.0).to(tl.float32)
     sok = (toks < T)[:, None] & (blocks < nb)[None, :]
     zero = tl.where(sok, tl.min(tl.where(ok3, x3, _INF), axis=2), 0.0)  # padding blocks: 0 and 1, not inf
-    scale = tl.where(sok, _scale_of(zero, tl.max(tl.where(ok3, x3, -_INF), axis=2), LEVELS, DTYPE), 1.0)
+    scale = tl.where(sok, _scale_of(zero, tl.max(tl.where(ok3, x3, -_INF), axis=2), LEVELS, DTYPE, FLOOR), 1.0)
     srow = bh * scale_R + scale_r0 + toks
     tl.store(scale_ptr + srow[:, None] * nb + blocks[None, :], scale.to(scale_ptr.dtype.element_ty), mask=sok)
     tl.store(zero_ptr + srow[:, None] * nb + blocks[None, :], zero.to(zero_ptr.dtype.element_ty), mask=sok)
@@ -462,7 +466,7 @@ def _quantize_values_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, H, T, D, chan
     ok = (toks < T)[:, None] & (cols < D)[None, :]
     x = tl.load(base[:, None] + cols[None, :] * x_sd, mask=ok, other=0.0).to(tl.float32)
     owner = tl.broadcast_to(tl.minimum(cols // channels, BLOCK_NB - 1)[None, :], [BLOCK_T, BLOCK_D])
-    codes = _codes_of(x, tl.gather(zero, owner, 1), tl.gather(scale, owner, 1), LEVELS, DTYPE)
+    codes = _codes_of(x, tl.gather(zero, owner, 1), tl.gather(scale, owner, 1), LEVELS)
     pcols = tl.arange(0, BLOCK_D // PER)
     row = bh * out_T + out_t0 + toks
     packed = _pack(tl.where(ok, codes, 0.0), BITS, BLOCK_T, BLOCK_D)
@@ -513,13 +517,12 @@ def _quantize_into(x: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, out_t0
     if m == 0:
         return
     offsets = (out_t0, codes.shape[2], scale_r0, scale.shape[2])
-    meta = _quantize_meta(d, group, channels)
+    meta = {**_quantize_meta(d, group, channels), "BITS": bits, "FLOOR": scale_floor(x.dtype)}
     if channels == 0:
-        _quantize_keys_kernel[(b * h, m // group)](x, codes, scale, zero, h, d, group, *x.stride(), *offsets,
-                                                   BITS=bits, **meta)
+        _quantize_keys_kernel[(b * h, m // group)](x, codes, scale, zero, h, d, group, *x.stride(), *offsets, **meta)
     else:
         _quantize_values_kernel[(b * h, triton.cdiv(m, meta["BLOCK_T"]))](
-            x, codes, scale, zero, h, m, d, channels, *x.stride(), *offsets, BITS=bits, **meta)
+            x, codes, scale, zero, h, m, d, channels, *x.stride(), *offsets, **meta)
 
 
 def _quantize_meta(d: int, group: int, channels: int) -> dict:
@@ -836,10 +839,11 @@ AOT: list[AotEntry] = [
           unit=("q_sd", "k_sd", "m_st"), aligned=(*_CACHE_STRIDES, "W", "T", "D", "m_sb")),
     _spec("avg_pool", _avg_pool_kernel, dict(src_ptr="*fp32", out_ptr="*fp32"), dict(BLOCK=1024, num_warps=4),
           aligned=("T", "L")),
-    _spec("quantize_keys_fp16_4bit", _quantize_keys_kernel, _QUANT_POINTERS, {**_quantize_meta(128, 32, 0), "BITS": 4},
+    _spec("quantize_keys_fp16_4bit", _quantize_keys_kernel, _QUANT_POINTERS,
+          {**_quantize_meta(128, 32, 0), "BITS": 4, "FLOOR": scale_floor(torch.float16)},
           unit=("x_sd",), aligned=("D", "group", "x_sb", "x_sh", "x_st", "out_t0", "out_T", "scale_r0", "scale_R")),
     _spec("quantize_values_fp16_4bit", _quantize_values_kernel, _QUANT_POINTERS,
-          {**_quantize_meta(128, 32, 32), "BITS": 4}, unit=("x_sd",),
+          {**_quantize_meta(128, 32, 32), "BITS": 4, "FLOOR": scale_floor(torch.float16)}, unit=("x_sd",),
           aligned=("T", "D", "channels", "x_sb", "x_sh", "x_st", "out_t0", "out_T", "scale_r0", "scale_R")),
     _spec("copy_tokens_u8", _copy_tokens_kernel, dict(src_ptr="*u8", dst_ptr="*u8"),
           _streaming_meta(64, ("BLOCK_N", "BLOCK_C")), unit=("s_sc",),

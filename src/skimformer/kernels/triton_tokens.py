@@ -22,8 +22,8 @@ Conventions shared by the kernels:
   scores), it leaves the order to torch.topk; the kernels pick the lowest positions.
 - Indices are trusted, as on any GPU path that must not synchronise with the host: an index
   out of range reads zeros or is skipped instead of raising like torch.gather.
-- Half-precision inputs are computed in fp32, which is at least as exact as the reference run in
-  that dtype (it rounds intermediate scores to the dtype, e.g. -1e30 to -inf in fp16).
+- Half-precision inputs are computed in fp32, as the references compute them; scores and token
+  sizes are fp32 outputs, token values keep their dtype.
 """
 import math
 from typing import Callable, NamedTuple
@@ -37,10 +37,13 @@ from skimformer.kernels.aot import AotEntry
 from skimformer.kernels import merge as merge_ref
 from skimformer.kernels import tokens as tokens_ref
 from skimformer.kernels.merge import merge_count
+from skimformer.kernels.precision import mask_threshold
 from skimformer.kernels.tokens import kept_count
 from skimformer.kernels.window import window_size
 
-NEG = tl.constexpr(tokens_ref.NEG)  # the masked score of the references
+# The references' fp32 sentinel rank, also the kernels' masked logit: a finite fill that softmax
+# sends to 0 gives the probabilities the references' dtype-derived fill gives.
+NEG = tl.constexpr(tokens_ref.NEG)
 TIE = tl.constexpr(merge_ref.TIE)  # the references' position tie-break for merge scores
 PAD_STEP = tl.constexpr(1e24)  # topk_tokens_ref spaces padding scores by position with this
 # fp32 dot products on tensor cores at fp32 accuracy (three TF32 products); plain TF32 would
@@ -65,7 +68,7 @@ def _order_key(x):
 @triton.jit
 def _valid_tokens(row_ptr, offs, in_row, stride_n, threshold, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
     """`valid_tokens` for one mask row: True for real tokens (boolean keep-mask, or additive
-    mask above NEG / 2 rounded to the mask's dtype); every token when there is no mask."""
+    mask above `threshold`, the mask dtype's `mask_threshold`); every token when there is no mask."""
     if HAS_MASK:
         value = tl.load(row_ptr + offs * stride_n, mask=in_row, other=0)
         if MASK_IS_BOOL:
@@ -562,13 +565,9 @@ class _MaskRow(NamedTuple):
             return _MaskRow(like, 0, 0, False, False, 0.0)
         row = mask[:, 0, -1, :] if mask.dim() == 4 else mask
         row = row.expand(batch, n)  # the reference's expand_as: broadcast dims get stride 0
-        return _MaskRow(_storage(row), row.stride(0), row.stride(1), True, row.dtype == torch.bool,
-                        _threshold(row.dtype))
-
-
-def _threshold(dtype: torch.dtype) -> float:
-    """NEG / 2 as the reference compares it: rounded to a float mask's dtype (-inf in fp16)."""
-    return torch.tensor(tokens_ref.NEG / 2, dtype=dtype if dtype.is_floating_point else torch.float32).item()
+        is_bool = row.dtype == torch.bool
+        return _MaskRow(_storage(row), row.stride(0), row.stride(1), True, is_bool,
+                        0.0 if is_bool else mask_threshold(row.dtype))
 
 
 def _gather(x: Tensor, idx: Tensor, dim: int, op: str) -> Tensor:
@@ -658,7 +657,7 @@ def fuse_tokens(x: Tensor, scores: Tensor, mask: Tensor | None, idx: Tensor, dim
     p, _, q = _rows(x, dim)
     shape = list(x.shape)
     shape[0], shape[dim] = out_batch, 1
-    out = torch.empty(shape, dtype=torch.promote_types(x.dtype, scores.dtype), device=x.device)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device)
     if not out.numel():
         return out
     block = _block(n, MAX_BLOCK)
@@ -674,23 +673,20 @@ def fuse_tokens(x: Tensor, scores: Tensor, mask: Tensor | None, idx: Tensor, dim
 
 
 def token_scores(q: Tensor, k: Tensor, mask: Tensor | None, scale: float, mode: int) -> Tensor:
-    """`token_scores_ref`: importance of each key token [B, N], averaged over heads (modes 0: first
-    query's attention, 1: mean attention received, 2: minus key norm, 3: last query's attention
-    with the last token at 2.0)."""
+    """`token_scores_ref`: importance of each key token [B, N] in fp32, averaged over heads (modes 0:
+    first query's attention, 1: mean attention received, 2: minus key norm, 3: last query's
+    attention with the last token at 2.0)."""
     if mode == 2:
         return _key_norm_scores(k)
     heads, kv_heads, n, head_dim = q.shape[1], k.shape[1], k.shape[2], q.shape[3]
     if heads % kv_heads:
         raise ValueError(f"token_scores: {heads} query heads do not group over {kv_heads} key heads")
     queries = q[:, :, :1] if mode == 0 else q[:, :, -1:] if mode == 3 else q
-    out_dtype = q.dtype
     mask_is_bool = mask is not None and mask.dtype == torch.bool
     if mask is not None:
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
         if mode in (0, 3) and mask.shape[-2] != 1:
             mask = mask[:, :, :1] if mode == 0 else mask[:, :, -1:]
-        if not mask_is_bool:
-            out_dtype = torch.promote_types(out_dtype, mask.dtype)
     rows = queries.shape[2]
     batch = torch.broadcast_shapes((q.shape[0],), (k.shape[0],), (mask.shape[0],) if mask is not None else (1,))[0]
     queries = queries.expand(batch, heads, rows, head_dim)
@@ -705,7 +701,7 @@ def token_scores(q: Tensor, k: Tensor, mask: Tensor | None, scale: float, mode: 
     block_n = _block(n, 64 if use_dot else max(16, TILE // block_d), floor=16)
     row_blocks = triton.cdiv(rows, block_m)
     partial = torch.empty((batch, heads * row_blocks, n), dtype=torch.float32, device=q.device)
-    out = torch.empty((batch, n), dtype=out_dtype, device=q.device)
+    out = torch.empty((batch, n), dtype=torch.float32, device=q.device)
     if not out.numel():
         return out
     _attention_columns_kernel[(batch * heads, row_blocks)](
@@ -721,7 +717,7 @@ def token_scores(q: Tensor, k: Tensor, mask: Tensor | None, scale: float, mode: 
 
 def _key_norm_scores(k: Tensor) -> Tensor:
     batch, heads, n, head_dim = k.shape
-    out = torch.empty((batch, n), dtype=k.dtype, device=k.device)
+    out = torch.empty((batch, n), dtype=torch.float32, device=k.device)
     if out.numel():
         block_d = _block(head_dim, 256)
         block_n = _block(n, max(1, TILE // block_d))
@@ -731,9 +727,9 @@ def _key_norm_scores(k: Tensor) -> Tensor:
 
 
 def token_sizes(x: Tensor, mask: Tensor | None, dim: int) -> Tensor:
-    """`token_sizes_ref`: [B, N] in x's dtype, 1 for a real token and 0 for padding."""
+    """`token_sizes_ref`: [B, N] in fp32, 1 for a real token and 0 for padding."""
     batch, n = x.shape[0], x.shape[dim]
-    out = torch.empty((batch, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((batch, n), dtype=torch.float32, device=x.device)
     rows = _MaskRow.of(mask, batch, n, out)
     if out.numel():
         block = _block(n, MAX_BLOCK)
@@ -776,7 +772,7 @@ def bipartite_match(metric: Tensor, size: Tensor, r: int, protect: int) -> tuple
 
 def bipartite_merge(x: Tensor, size: Tensor, sources: Tensor, keep: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """`bipartite_merge_ref`: each survivor the size-weighted mean of the tokens that point at it
-    (its own value when they weigh nothing), and the new sizes [B, K] in x's dtype."""
+    (its own value when they weigh nothing), and the new sizes [B, K] in fp32."""
     dim = _token_dim(x, dim, "bipartite_merge")
     batch, count = keep.shape
     x = x.contiguous()
@@ -786,11 +782,11 @@ def bipartite_merge(x: Tensor, size: Tensor, sources: Tensor, keep: Tensor, dim:
     ordered, members = torch.sort(sources, dim=1, stable=True)
     survivors = torch.arange(count + 1, device=x.device).expand(batch, count + 1).contiguous()
     starts = torch.searchsorted(ordered.contiguous(), survivors)
-    weights = size.to(x.dtype).contiguous()
+    weights = size.float().contiguous()
     shape = list(x.shape)
     shape[dim] = count
     out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    new_size = torch.empty((batch, count), dtype=x.dtype, device=x.device)
+    new_size = torch.empty((batch, count), dtype=torch.float32, device=x.device)
     if out.numel():
         block_q = _block(q, 1024)
         _merge_kernel[(count, batch * p, triton.cdiv(q, block_q))](
@@ -876,11 +872,11 @@ AOT: list[AotEntry] = [
     _aot(_gather_rows_kernel, "gather_tokens: fp16 KV cache [B, H, T, 64] on dim 2",
          "*fp16 *i64 *fp16 i32 i32 i32 i32 i64", BLOCK_K=64, BLOCK_Q=64, num_warps=TILE_WARPS),
     _aot(_scatter_positions_kernel, "token_sources", "*i64 *i64 i32 i32", BLOCK=256),
-    _aot(_topk_keys_kernel, "topk_tokens keys: fp16 scores, additive fp16 mask",
-         "*fp16 *fp16 *i32 i32 i32 i64 i64 fp32", HAS_MASK=True, MASK_IS_BOOL=False, BLOCK=256),
+    _aot(_topk_keys_kernel, "topk_tokens keys: fp32 scores, additive fp16 mask",
+         "*fp32 *fp16 *i32 i32 i32 i64 i64 fp32", HAS_MASK=True, MASK_IS_BOOL=False, BLOCK=256),
     _aot(_select_top_kernel, "topk selection, ascending indices", "*i32 *i64 i32 i32", COMPACT=True, BLOCK=256),
-    _aot(_fuse_weights_kernel, "fuse_tokens weights: fp16 scores, boolean mask",
-         "*fp16 *u8 *i64 *fp32 i32 i64 i64 i64 fp32", HAS_MASK=True, MASK_IS_BOOL=True, BLOCK=256),
+    _aot(_fuse_weights_kernel, "fuse_tokens weights: fp32 scores, boolean mask",
+         "*fp32 *u8 *i64 *fp32 i32 i64 i64 i64 fp32", HAS_MASK=True, MASK_IS_BOOL=True, BLOCK=256),
     _aot(_weighted_sum_kernel, "fuse_tokens sum: fp16 [B, 197, 768]",
          "*fp16 *fp32 *fp16 i32 i32 i32 i64 i64", BLOCK_N=16, BLOCK_Q=256, num_warps=TILE_WARPS),
     _aot(_attention_columns_kernel, "token_scores mode 1: fp16, head dim 64, additive fp32 mask",
@@ -889,16 +885,16 @@ AOT: list[AotEntry] = [
          num_warps=TILE_WARPS),
     _aot(_column_mean_kernel, "token_scores column mean, mode 3", "*fp32 *fp32 i32 i32 fp32",
          LAST_IS_TWO=True, BLOCK=256),
-    _aot(_key_norm_kernel, "token_scores mode 2: fp16 keys, head dim 64", "*fp16 *fp16 i32 i32 i32 i64 i64 i64 i64",
+    _aot(_key_norm_kernel, "token_scores mode 2: fp16 keys, head dim 64", "*fp16 *fp32 i32 i32 i32 i64 i64 i64 i64",
          BLOCK_N=64, BLOCK_D=64, num_warps=TILE_WARPS),
-    _aot(_token_sizes_kernel, "token_sizes: fp16 out, boolean mask", "*u8 *fp16 i32 i64 i64 fp32",
+    _aot(_token_sizes_kernel, "token_sizes: fp32 out, boolean mask", "*u8 *fp32 i32 i64 i64 fp32",
          HAS_MASK=True, MASK_IS_BOOL=True, BLOCK=256),
     _aot(_match_kernel, "bipartite_match: fp16 metric [B, 197, 64]",
-         "*fp16 *fp16 *i32 *i64 i32 i32 i32 i32 i64 i64 i64 i64 i64", BLOCK_A=64, BLOCK_B=64, BLOCK_C=64),
+         "*fp16 *fp32 *i32 *i64 i32 i32 i32 i32 i64 i64 i64 i64 i64", BLOCK_A=64, BLOCK_B=64, BLOCK_C=64),
     _aot(_merge_plan_kernel, "bipartite_match plan", "*i64 *i64 *i64 i32 i32 i32", BLOCK=256),
     _aot(_merge_redirect_kernel, "bipartite_match redirect", "*i64 *i64 *i64 i32 i32", BLOCK=256),
     _aot(_merge_kernel, "bipartite_merge: fp16 [B, 197, 768]",
-         "*fp16 *fp16 *i64 *i64 *i64 *fp16 *fp16 i32 i32 i32 i32", BLOCK_Q=1024),
+         "*fp16 *fp32 *i64 *i64 *i64 *fp16 *fp32 i32 i32 i32 i32", BLOCK_Q=1024),
     _aot(_window_kernel, "window_tokens: int64 mask", "*i64 *i64 i32 i32 i32", BLOCK=1024),
     _aot(_positions_kernel, "cache_positions: int64 mask", "*i64 *i64 i32 i32", BLOCK=1024),
     _aot(_position_shift_kernel, "position_shift: int64 mask", "*i64 *i64 *i64 *i64 i32 i32", BLOCK=256),
