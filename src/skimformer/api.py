@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from skimformer.backends.build import build_engine, check_destination
+from skimformer.backends.build import build_engine, check_destination, check_dtypes
 from skimformer.backends.registry import checked_backend
 from skimformer.backends.engine import Engine
 from skimformer.calibration import CRITERION, RANK, STEPS, TARGET_AGREEMENT, Calibration, calibrate_model
@@ -31,6 +31,7 @@ def optimize_model(model: Model, out: str | Path, pipeline: list[Step], *, backe
                    warn: Callable[[str], None] = lambda m: None, data: dict | None = None):
     """Rewrite `model` with a parsed pipeline, build the engine folder `out`; returns (engine, report).
     `data` (arrays named like the program's inputs, rows first) are the inputs fidelity is measured on."""
+    check_dtypes(model)  # before the passes run: the engine would be refused after them
     notes = []
     if not any(analyze(p).is_transformer for p in model.programs.values()):
         notes.append(NO_STRUCTURE)

@@ -41,6 +41,17 @@ def check_destination(out: Path, force: bool) -> None:
         raise UserError(f"{out} exists and is not a folder: choose another -o folder")
 
 
+def check_dtypes(model: Model) -> None:
+    """Refuse programs that compute in bfloat16 before any work. Engines take and return numpy
+    arrays, and numpy has no bfloat16 (nor do ONNX Runtime's CPU kernels run it); fp16 engines
+    keep the program's dtype at their inputs and outputs. The passes themselves run on bfloat16
+    programs."""
+    for role, program in model.programs.items():
+        if program.precision == torch.bfloat16:
+            raise UserError(f"the {role} program computes in bfloat16, which engines cannot take or return (numpy "
+                            "has no bfloat16): export the model in float16 (model.half()) or float32 for an engine")
+
+
 def lower_model(model: Model, folder: Path, backend: str, progress: Progress,
                 options: dict | None = None) -> dict:
     """Lower each program into `folder`; returns the manifest's `programs` section."""
@@ -118,10 +129,11 @@ def _compare_rounded(want: dict, got: dict) -> dict:
 
 
 def _compare(program: Program, role: str, engine: Engine, inputs: dict[str, torch.Tensor], lossy: bool) -> dict:
-    """One run of the engine against its program: `{max_abs, ok}`, judged by cosine when lossy."""
+    """One run of the engine against its program: `{max_abs, ok}` at the program's precision
+    (`passes.manager.tolerance`), judged by cosine when lossy."""
     want = program.run(inputs)
     got = engine.run(inputs, role)
-    err, good = max_abs_error(want, {k: torch.from_numpy(np.asarray(v)) for k, v in got.items()})
+    err, good = max_abs_error(want, {k: torch.from_numpy(np.asarray(v)) for k, v in got.items()}, program.precision)
     if not lossy and not good and rounds_to_codes(program):
         return {"max_abs": err, **_compare_rounded(want, got)}
     if not lossy:
@@ -224,6 +236,7 @@ def build_engine(model: Model, original: Model, out: Path, *, backend: str = "on
     """Write the engine folder `out` and return the loaded engine and its report."""
     out = Path(out)
     check_destination(out, force)
+    check_dtypes(model)
     options = dict(backend_options or {})
     checked_backend(backend, options)
     with atomic_folder(out, replace=force) as tmp:

@@ -24,12 +24,15 @@ Run = Callable[[dict, str], dict]
 
 
 def program_runner(model: Model) -> Run:
-    """`run(feeds, role)` over a model's programs in torch, numpy in and out (an engine's interface)."""
+    """`run(feeds, role)` over a model's programs in torch, numpy in and out (an engine's interface).
+    numpy has no bfloat16: such outputs come out as float32 (exactly) and inputs are cast to the
+    dtype the program takes, so a bfloat16 cache threads through unchanged."""
 
     def run(feeds: dict, role: str) -> dict[str, np.ndarray]:
         program = model.programs[role]
-        inputs = {name: torch.as_tensor(np.asarray(feeds[name])) for name in program.input_names}
-        return {k: v.numpy() for k, v in program.run(inputs).items()}
+        inputs = {node.name: torch.as_tensor(np.asarray(feeds[node.name])).to(node.meta["val"].dtype)
+                  for node in program.input_nodes()}
+        return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in program.run(inputs).items()}
 
     return run
 

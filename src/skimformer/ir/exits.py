@@ -142,11 +142,15 @@ def _attach(root: fx.GraphModule, name: str, module: fx.GraphModule) -> str:
     return f"{name}_{i}"
 
 
-def adapter_input(root: fx.GraphModule, name: str, down: torch.Tensor, up: torch.Tensor) -> HeadInput:
+def adapter_input(root: fx.GraphModule, name: str, down: torch.Tensor, up: torch.Tensor,
+                  hidden: fx.Node) -> HeadInput:
     """A `HeadInput` that maps the hidden state through a calibrated exit adapter
-    (`ir.exit_heads.adapt`), its weights stored on `root` as buffers `{name}_down` / `{name}_up`."""
-    root.register_buffer(f"{name}_down", down.detach().clone())
-    root.register_buffer(f"{name}_up", up.detach().clone())
+    (`ir.exit_heads.adapt`), its weights stored on `root` as buffers `{name}_down` / `{name}_up` in
+    the dtype of the hidden state `hidden` (adapters are saved in fp32; a half-precision program's
+    linear layers take weights of their own dtype)."""
+    dtype = hidden.meta["val"].dtype
+    root.register_buffer(f"{name}_down", down.detach().to(dtype).clone())
+    root.register_buffer(f"{name}_up", up.detach().to(dtype).clone())
 
     def build(graph: fx.Graph, hidden: fx.Node) -> fx.Node:
         weights = (graph.get_attr(f"{name}_down"), graph.get_attr(f"{name}_up"))

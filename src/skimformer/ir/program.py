@@ -122,6 +122,17 @@ class Program:
         return dict(zip(self.input_names, leaves))
 
     @cached_property
+    def precision(self) -> torch.dtype:
+        """The floating dtype the program computes in: the least precise of its weights' and float
+        inputs' dtypes (fp32 when it has none). Two correct computations of a half-precision
+        program differ by its rounding, so rewrites and engines are compared at this precision
+        (`passes.manager.tolerance`)."""
+        tensors = [*self.ep.state_dict.values(), *self.ep.constants.values(),
+                   *(node.meta.get("val") for node in self.input_nodes())]
+        floats = [t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.dtype.is_floating_point]
+        return max(floats, key=lambda dtype: torch.finfo(dtype).eps, default=torch.float32)
+
+    @cached_property
     def module(self) -> torch.nn.Module:
         return self.ep.module()
 

@@ -2,7 +2,8 @@
 
 Lossless. Later passes then see attention in one form, and the engines get the fused kernel.
 An eager site `softmax(q @ k^T * s + mask) @ v` becomes `sdpa(q, k, v, attn_mask=mask, scale=s)`;
-a boolean `masked_fill(scores, m, -inf)` / `where(m, scores, -inf)` becomes a boolean mask. Sites
+a boolean `masked_fill(scores, m, -inf)` / `where(m, scores, fill)` becomes a boolean mask when the
+fill removes keys in the scores' dtype (`precision.mask_threshold`: fp32's -3.4e38, fp16's -65504). Sites
 whose scores pass through anything else (soft-capping, a head mask after softmax, a mask added
 before the scale) are left as they are and counted in the report as skipped. Run it first: it
 has no ordering constraints of its own.
@@ -19,6 +20,7 @@ from skimformer.ir.attention import find_attention
 from skimformer.ir.graph import ancestors, descendants, op_name
 from skimformer.ir.program import Program
 from skimformer.ir.rewrite import reexport, tag
+from skimformer.kernels.precision import mask_threshold
 from skimformer.passes.base import Pass, PassResult
 from skimformer.passes.registry import register
 
@@ -58,7 +60,7 @@ def _score_chain(qk: fx.Node, softmax: fx.Node) -> tuple[float, fx.Node | None, 
         elif name == "masked_fill" and mask is None and _scalar(step.args[2]) == -math.inf:
             mask, kind = step.args[1], "drop"
         elif name == "where" and mask is None and step.args[1] in path and _scalar(step.args[2]) is not None \
-                and _scalar(step.args[2]) <= torch.finfo(torch.float32).min:
+                and _scalar(step.args[2]) <= mask_threshold(step.meta["val"].dtype):
             mask, kind = step.args[0], "keep"
         else:
             raise _Unsupported(name)

@@ -125,7 +125,8 @@ def add_exits(program: Program, plan: ExitPlan) -> Program:
         raise UserError(f"{NAME} needs the model's head: the program returns no `logits` "
                         f"(it returns {', '.join(outputs)}); export the model with its LM head or classifier")
     points = [ExitPoint(a + 1, blocks[a].output, [b.input for b in blocks[a + 1:]] + [blocks[-1].output],
-                        adapter_input(module, f"exit_adapter_{a}", *plan.heads.adapters[a]) if plan.heads else None)
+                        adapter_input(module, f"exit_adapter_{a}", *plan.heads.adapters[a], blocks[a].output)
+                        if plan.heads else None)
               for a in plan.at]
     by_depth = {a + 1: plan.thresholds[a] for a in plan.at}
 

@@ -79,7 +79,8 @@ def _split(decode: Program, exit_at: int, heads: ExitHeads | None) -> tuple[Prog
     with graph.inserting_before(output_node(draft_module)):
         head_reads = hidden
         if heads is not None:
-            head_reads = adapter_input(draft_module, "draft_adapter", *heads.adapters[exit_at - 1])(graph, hidden)
+            adapter = adapter_input(draft_module, "draft_adapter", *heads.adapters[exit_at - 1], hidden)
+            head_reads = adapter(graph, hidden)
         logits = replay(graph, [outputs["logits"]], {n: head_reads for n in skipped}, descendants([hidden]))[0]
     kept = {k: v for k, v in outputs.items() if k.startswith("present_") and _layer(k) < exit_at}
     set_outputs(draft_module, {"logits": logits, **kept, HIDDEN: hidden})

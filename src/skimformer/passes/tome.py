@@ -35,6 +35,7 @@ from skimformer.ir.rewrite import reexport, refresh_shapes
 from skimformer.ir.shrink import Reduction, shrink_tokens
 from skimformer.ir.token_axis import Axis
 from skimformer.kernels.merge import merge_count
+from skimformer.kernels.precision import most_negative
 from skimformer.passes.base import Exercise, ModelResult, Pass, PassResult
 from skimformer.passes.registry import register
 from skimformer.passes.token_report import reduce_tokens
@@ -78,21 +79,28 @@ class _ProportionalAttention:
                 set_sdpa_mask(site, self.biased.pop(site)[0])
 
     def add(self, graph: fx.Graph, sites: list[fx.Node], sizes: fx.Node) -> None:
+        """Bias `sites` by the log of `sizes` (fp32), cast to the attention's dtype: sdpa takes a
+        float mask only in its query's dtype. A boolean mask becomes the bias where it keeps and
+        that dtype's most negative value where it removes."""
         if not sites:
             return
         call = graph.call_function
+        dtype = sites[0].meta["val"].dtype
         bias = sizes  # log(max(size, 1)) as [B, 1, 1, N]: padding (size 0) is masked already
-        for target, extra in ((aten.clamp_min.default, (1.0,)), (aten.log.default, ()),
-                              (aten.unsqueeze.default, (1,)), (aten.unsqueeze.default, (1,))):
+        steps = [(aten.clamp_min.default, (1.0,), {}), (aten.log.default, (), {}),
+                 (aten.unsqueeze.default, (1,), {}), (aten.unsqueeze.default, (1,), {})]
+        if dtype != torch.float32:
+            steps.append((aten._to_copy.default, (), {"dtype": dtype}))
+        for target, args, kwargs in steps:
             with graph.inserting_after(bias):
-                bias = call(target, (bias, *extra))
+                bias = call(target, (bias, *args), kwargs)
         for site in sites:
             base = sdpa_mask(site)
             with graph.inserting_before(site):
                 if base is None:
                     biased = bias
                 elif _is_bool(base):
-                    biased = call(aten.add.Tensor, (call(aten.where.Scalar, (base, 0.0, float("-inf"))), bias))
+                    biased = call(aten.where.ScalarOther, (base, bias, most_negative(dtype)))
                 else:
                     biased = call(aten.add.Tensor, (base, bias))
             set_sdpa_mask(site, biased)
