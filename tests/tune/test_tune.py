@@ -93,6 +93,23 @@ def test_nothing_within_the_budget_builds_the_unoptimized_engine_and_says_so(ber
     assert [r["label"] for r in summary["front"]] == ["unoptimized"]
 
 
+def test_a_gain_not_confirmed_when_timed_again_is_noise_and_the_unoptimized_engine_is_built(bert, data, tmp_path,
+                                                                                            monkeypatch):
+    check = Worker.check
+
+    def slower_the_second_time(self, folder, timed=True):
+        result = check(self, folder, timed)
+        return {**result, "speed": 1.0} if timed else result
+
+    monkeypatch.setattr(Worker, "check", slower_the_second_time)
+    result = tune_model(bert, BUDGET, tmp_path / "tuned", data=data[1], space="skip", trials=1)
+    (trial,) = result.records
+    assert trial["state"] == "complete" and trial["speed"] > 1.02  # skip-layers(layers=[1]) of 2 blocks
+    assert result.chosen is None and result.summary["unconfirmed"]["timed_again"] == 1.0
+    assert "timed again: timing noise): the engine built is the unoptimized one" in result.summary["answer"]
+    assert json.loads((tmp_path / "tuned" / "engine" / "report.json").read_text())["passes"] == []
+
+
 @pytest.fixture
 def local_ray():
     ray = pytest.importorskip("ray")
