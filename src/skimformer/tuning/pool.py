@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from skimformer.tuning.worker import Worker
 
@@ -46,8 +46,7 @@ class LocalPool:
         self.worker.close()
 
 
-def run_jobs(pool, jobs: list[Job], deadline: float | None = None,
-             started: Callable[[Job, int], None] = lambda job, worker: None) -> Iterator[tuple[Job, int, Any]]:
+def run_jobs(pool, jobs: list[Job], deadline: float | None = None) -> Iterator[tuple[Job, int, Any]]:
     """(job, worker, result) as jobs finish; jobs not started by `deadline` (time.monotonic())
     are yielded with the worker they named (or -1) and the result None."""
     queue, busy = list(jobs), {}  # busy: handle -> (worker, job)
@@ -57,7 +56,6 @@ def run_jobs(pool, jobs: list[Job], deadline: float | None = None,
             job = None if late else next((j for j in queue if j.worker in (None, index)), None)
             if job is not None:
                 queue.remove(job)
-                started(job, index)
                 busy[pool.submit(index, job.method, *job.args)] = (index, job)
         if not busy:  # nothing runs: the deadline passed with jobs waiting
             for job in queue:
