@@ -102,6 +102,8 @@ def tune_model(model: str | Path, budget: str | list[str] | list[Budget], out: s
                seed: int = 0, force: bool = False, verbose: bool = False,
                progress: Callable[[str], None] = lambda m: None,
                warn: Callable[[str], None] = lambda m: None) -> TuneResult:
+    """Search for the fastest engine of `model` within `budget` and write the folder `out` (see
+    the module docstring and `skimformer.tune`); `time_limit` in seconds."""
     start = time.monotonic()
     budgets = list(budget) if budget and isinstance(budget[0], Budget) else parse_budgets(budget)
     options = dict(backend_options or {})
@@ -145,20 +147,13 @@ def tune_model(model: str | Path, budget: str | list[str] | list[Budget], out: s
             search = Search(search_space, budgets, pool, journal, seed, progress)
             search.replay(previous)
             records = search.run(trials, None if time_limit is None else start + time_limit)
-            chosen = choose(records)
-            progress(f"building the engine of {'trial ' + str(chosen['trial']) if chosen else 'the unoptimized model'}")
-            engine = _build(loaded, out / "engine", chosen, backend, options, rows, progress, warn)
             checker = pool.worker if isinstance(pool, LocalPool) else Worker(path, rows, backend, options, threads)
-            progress("measuring the engine again on the held-out rows")
-            check = checker.check(out / "engine", timed=chosen is not None)  # not the unoptimized against itself
-            unconfirmed = None
-            if chosen is not None and check["speed"] < MIN_GAIN:  # its gain was timing noise
-                unconfirmed, chosen = {**chosen, "timed_again": check["speed"]}, None
-                progress(f"trial {unconfirmed['trial']} is {check['speed']:.2f}x timed again: building the unoptimized engine")
-                engine = _build(loaded, out / "engine", None, backend, options, rows, progress, warn)
-                check = checker.check(out / "engine", timed=False)
-            if checker is not getattr(pool, "worker", None):
-                checker.close()
+            try:
+                engine, chosen, unconfirmed, check = _final_engine(loaded, out / "engine", choose(records), checker,
+                                                                   backend, options, rows, progress, warn)
+            finally:
+                if checker is not getattr(pool, "worker", None):
+                    checker.close()
         finally:
             pool.close()
         front = pareto_front(records, budgets[0])
@@ -171,6 +166,22 @@ def tune_model(model: str | Path, budget: str | list[str] | list[Budget], out: s
         with atomic_file(out / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2, default=float))
     return TuneResult(out, chosen, front, records, engine, summary)
+
+
+def _final_engine(model, folder: Path, chosen: dict | None, checker: Worker, backend: str, options: dict, rows: Rows,
+                  progress, warn) -> tuple[Engine, dict | None, dict | None, dict]:
+    """Build the chosen engine and measure it on the held-out rows, timed again: a choice below
+    MIN_GAIN now was faster by timing noise, and the unoptimized engine replaces it. Returns the
+    engine, the choice, the unconfirmed one, and the check."""
+    progress(f"building the engine of {'trial ' + str(chosen['trial']) if chosen else 'the unoptimized model'}")
+    engine = _build(model, folder, chosen, backend, options, rows, progress, warn)
+    progress("measuring the engine again on the held-out rows")
+    check = checker.check(folder, timed=chosen is not None)  # not the unoptimized engine against itself
+    if chosen is None or check["speed"] >= MIN_GAIN:
+        return engine, chosen, None, check
+    progress(f"trial {chosen['trial']} is {check['speed']:.2f}x timed again: building the unoptimized engine")
+    engine = _build(model, folder, None, backend, options, rows, progress, warn)
+    return engine, None, {**chosen, "timed_again": check["speed"]}, checker.check(folder, timed=False)
 
 
 def _exit_heads(model, rows: Rows, out: Path, progress) -> str:
