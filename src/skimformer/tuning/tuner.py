@@ -130,7 +130,7 @@ def tune_model(model: str | Path, budget: str | list[str] | list[Budget], out: s
     check_budgets(budgets, _available(loaded.is_decoder, first, rows.labels is not None))
     settings = {"format": FORMAT, "model": str(path), "model_digest": digest_files(path), "data": digest_arrays(data),
                 "budgets": [str(b) for b in budgets], "space": groups, "backend": backend, "backend_options": options,
-                "seed": seed, "batch": batch}
+                "seed": seed, "batch": batch, "inputs": rows.describe()}
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(out):
         journal = Journal(out)
