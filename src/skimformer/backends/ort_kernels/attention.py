@@ -50,16 +50,15 @@ def _(q, k, v, past_key, past_value, bias, scale):
 OP = torch.ops.skim_ort.group_query_attention.default
 
 
-def fuse_cache_attention(module: fx.GraphModule, graph: fx.Graph | None = None) -> int:
+def fuse_cache_attention(module: fx.GraphModule, graph: fx.Graph) -> int:
     """Rewrite every layer whose cache and attention fit the kernel; returns how many were.
 
-    The layers are found in `module` (the program's `ep.module()`); the rewrite goes into
-    `graph`, by default the module's own, or another copy of the program's graph whose nodes
-    bear the same names (the program's lifted graph, which export does not need to trace again)."""
+    The layers are found in `module` (the program's `ep.module()`); the rewrite goes into `graph`,
+    a copy of the program's lifted graph whose nodes bear the same names (export need not trace
+    it again)."""
     from skimformer.passes.cache_attention import additive, cache_attentions
 
     found, _ = cache_attentions(module, "kernel selection")
-    graph = module.graph if graph is None else graph
     same = {n.name: n for n in graph.nodes}
     node_in = lambda n: n if n is None or isinstance(n, float) else same[n.name]  # noqa: E731
     out = next(n for n in reversed(graph.nodes) if n.op == "output")
