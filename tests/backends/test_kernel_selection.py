@@ -47,6 +47,24 @@ def test_decoder_engines_hold_fused_attention_and_norms(fused):
     assert '"ok": true' in report.read_text()
 
 
+def test_decode_steps_rotate_and_pack_qkv_inside_the_kernel(fused):
+    """A decode step's attention reads the projections' packed output and rotates inside the
+    kernel: no rotary or head-moving ops are left around it (a prefill keeps the model's own
+    rotation, whose left-padded rows start at different positions)."""
+    decode = onnx.load(str(fused.folder / "decode.onnx"), load_external_data=False).graph
+    kernels = [n for n in decode.node if n.op_type == "GroupQueryAttention"]
+    for kernel in kernels:
+        attributes = {a.name: a.i for a in kernel.attribute if a.type == onnx.AttributeProto.INT}
+        assert attributes["do_rotary"] == 1 and attributes.get("rotary_interleaved", 0) == 0
+        assert kernel.input[1] == kernel.input[2] == ""  # key and value are packed into the query
+    ops = op_counts(fused.folder / "decode.onnx")
+    assert ops["Sin"] == ops["Cos"] == ops["Neg"] == ops["Transpose"] == 0
+    assert ops["MatMul"] == 2 * 5 + 1  # per layer: packed QKV, output, gate, up, down; then the LM head
+    prefill = onnx.load(str(fused.folder / "prefill.onnx"), load_external_data=False).graph
+    assert not any(a.name == "do_rotary" for n in prefill.node if n.op_type == "GroupQueryAttention"
+                   for a in n.attribute)
+
+
 def test_portable_engine_has_standard_ops_only(portable):
     for role in ("prefill", "decode"):
         assert not [op for op in op_counts(portable.folder / f"{role}.onnx") if ":" in op]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 from skimformer.ir.graph import ancestors, descendants, op_name
@@ -93,3 +94,99 @@ def find_rotary(graph: fx.Graph, rotated: fx.Node, positions: fx.Node) -> Rotary
     members = rotation | tables
     nodes = [n for n in graph.nodes if n in members]
     return Rotary(key=key, rotated=rotated, positions=positions, nodes=nodes)
+
+
+@dataclass
+class RotaryTables:
+    """A rotation as the tables a fused kernel takes: `cos`, `sin` `[positions, D/2]`, indexed by
+    absolute position, applied to the whole head dim in rotate-half or interleaved form."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    interleaved: bool
+
+
+def _standalone(module: fx.GraphModule, rotary: Rotary) -> fx.GraphModule:
+    """The rotation as a module of its own, `f(key, positions)`: what it computes from buffers
+    alone (inverse frequencies) is copied along; any other input makes it not standalone
+    (ValueError)."""
+    graph = fx.Graph()
+    env = {rotary.key: graph.placeholder("key"), rotary.positions: graph.placeholder("positions")}
+
+    def arg(node: fx.Node) -> fx.Node:
+        if node not in env:
+            if node.op not in ("get_attr", "call_function"):
+                raise ValueError(f"the rotation reads {node.name}")
+            env[node] = graph.node_copy(node, arg)
+        return env[node]
+
+    for node in rotary.nodes:
+        env[node] = graph.node_copy(node, arg)
+    graph.output(env[rotary.rotated])
+    return fx.GraphModule(module, graph)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """`x [..., S, D]` rotated by the tables' rows `cos`, `sin` `[S, D/2]`, in the given form."""
+    if interleaved:
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    first, second = x[..., :half], x[..., half:]
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+
+
+def _unit_responses(function: fx.GraphModule, heads: int, head_dim: int, positions: int, dtype) -> torch.Tensor:
+    """`[D, 3, N]`: for each unit key e_i rotated at every position, its own coordinate i, the
+    coordinate i + D/2 (rotate-half's partner) and i + 1 (interleaved's partner)."""
+    at = torch.arange(positions)[None]
+    half = head_dim // 2
+    responses = torch.zeros(head_dim, 3, positions, dtype=torch.float64)
+    for start in range(0, head_dim, heads):  # the unit keys ride on the head axis, `heads` at a time
+        units = range(start, min(start + heads, head_dim))
+        probe = torch.zeros(1, heads, positions, head_dim, dtype=dtype)
+        for slot, i in enumerate(units):
+            probe[0, slot, :, i] = 1
+        out = function(probe, at)[0].double()
+        for slot, i in enumerate(units):
+            responses[i, 0] = out[slot, :, i]
+            responses[i, 1] = out[slot, :, (i + half) % head_dim]
+            responses[i, 2] = out[slot, :, (i + 1) % head_dim]
+    return responses
+
+
+@torch.no_grad()
+def rotary_candidates(module: fx.GraphModule, rotary: Rotary, positions: int) -> list[RotaryTables]:
+    """The tables `rotary` would have for positions `0..positions-1` in each standard form
+    (rotate-half, interleaved), read off the model's own rotation: unit keys rotated at every
+    position. Empty when the rotation cannot be run on its own. Which form, if any, is right
+    is for `rotates_by` to say."""
+    key = rotary.key.meta["val"]
+    heads, head_dim = key.shape[1], key.shape[3]
+    if not all(isinstance(d, int) for d in (heads, head_dim)) or head_dim % 2:
+        return []
+    try:
+        responses = _unit_responses(_standalone(module, rotary), heads, head_dim, positions, key.dtype)
+    except (ValueError, RuntimeError):  # it reads other inputs, or does not take a one-row batch of this length
+        return []
+    half = head_dim // 2
+    forms = {False: (responses[:half, 0], responses[:half, 1]),  # e_i -> cos at i, sin at i + D/2
+             True: (responses[0::2, 0], responses[0::2, 2])}  # e_2j -> cos at 2j, sin at 2j + 1
+    return [RotaryTables(cos.T.to(key.dtype).contiguous(), sin.T.to(key.dtype).contiguous(), interleaved)
+            for interleaved, (cos, sin) in forms.items()]
+
+
+@torch.no_grad()
+def rotates_by(module: fx.GraphModule, rotary: Rotary, tables: RotaryTables, tolerance: float) -> bool:
+    """Whether the model's rotation of random keys, at 256 random positions the tables cover, is
+    the tables' rotation: so a rotation of another kind (partial, per head, scaled beyond the
+    tables) is never replaced by them."""
+    val = rotary.key.meta["val"]
+    length = tables.cos.shape[0]
+    at = torch.randperm(length, generator=torch.Generator().manual_seed(0))[:256].sort().values
+    x = torch.randn(1, val.shape[1], len(at), val.shape[3], generator=torch.Generator().manual_seed(1)).to(val.dtype)
+    try:
+        want = _standalone(module, rotary)(x, at[None])
+    except (ValueError, RuntimeError):
+        return False
+    got = rotate(x, tables.cos[at], tables.sin[at], tables.interleaved)
+    return want.shape == got.shape and torch.allclose(want.double(), got.double(), atol=tolerance, rtol=tolerance)

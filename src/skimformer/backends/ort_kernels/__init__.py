@@ -12,7 +12,7 @@ import copy
 
 import torch
 import torch.fx as fx
-from torch.export.graph_signature import ExportGraphSignature, OutputSpec, TensorArgument
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, OutputSpec, TensorArgument
 
 from skimformer.backends.ort_kernels.attention import fuse_cache_attention
 from skimformer.ir import Program
@@ -22,32 +22,45 @@ from skimformer.ir.rewrite import eliminate_dead_code
 def select_graph_kernels(program: Program) -> Program:
     """The program with the FX-level rules applied; layers a rule does not fit keep the
     exporter's ops. The rules edit a copy of the program's own graph (same weights, shapes
-    already known) rather than a module to export again: the exporter traces it once anyway."""
+    already known) rather than a module to export again: the exporter traces it once anyway.
+    Constants a rule adds (rotary tables) are lifted like the program's own."""
+    from skimformer.passes.manager import tolerance
+
     ep = program.ep
     gm = fx.GraphModule(ep.graph_module, copy.deepcopy(ep.graph))
-    if not fuse_cache_attention(program.module, gm.graph):
+    specs = ep.graph_signature.input_specs
+    first_user = next(i for i, s in enumerate(specs) if s.kind == InputKind.USER_INPUT)
+    first_input = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == specs[first_user].arg.name)
+    fused, constants = fuse_cache_attention(program.module, gm.graph, first_input, tolerance(program.precision))
+    if not fused:
         return program
     eliminate_dead_code(gm.graph)
-    _infer_values(gm.graph)
+    _infer_values(gm.graph, constants)
     gm.recompile()
+    added = [InputSpec(kind=InputKind.CONSTANT_TENSOR, arg=TensorArgument(name=name), target=name)
+             for name in constants]
     outputs = [a.name for a in next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]]
-    specs = [OutputSpec(kind=s.kind, arg=TensorArgument(name=name), target=s.target)
-             if isinstance(s.arg, TensorArgument) else s for s, name in zip(ep.graph_signature.output_specs, outputs)]
-    signature = ExportGraphSignature(input_specs=ep.graph_signature.input_specs, output_specs=specs)
-    fused = torch.export.ExportedProgram(root=gm, graph=gm.graph, graph_signature=signature,
-                                         state_dict=ep.state_dict, range_constraints=ep.range_constraints,
-                                         module_call_graph=copy.deepcopy(ep.module_call_graph),
-                                         example_inputs=ep.example_inputs, constants=ep.constants,
-                                         verifiers=ep.verifiers)
-    return program.with_ep(fused)
+    output_specs = [OutputSpec(kind=s.kind, arg=TensorArgument(name=name), target=s.target)
+                    if isinstance(s.arg, TensorArgument) else s for s, name in zip(ep.graph_signature.output_specs, outputs)]
+    signature = ExportGraphSignature(input_specs=[*specs[:first_user], *added, *specs[first_user:]],
+                                     output_specs=output_specs)
+    lowered = torch.export.ExportedProgram(root=gm, graph=gm.graph, graph_signature=signature,
+                                           state_dict=ep.state_dict, range_constraints=ep.range_constraints,
+                                           module_call_graph=copy.deepcopy(ep.module_call_graph),
+                                           example_inputs=ep.example_inputs, constants={**ep.constants, **constants},
+                                           verifiers=ep.verifiers)
+    return program.with_ep(lowered)
 
 
-def _infer_values(graph: fx.Graph) -> None:
+def _infer_values(graph: fx.Graph, constants: dict[str, torch.Tensor]) -> None:
     """Give the nodes a rule inserted the fake values export would have traced (their dtypes and
-    shapes type the ONNX graph's custom nodes)."""
+    shapes type the ONNX graph's custom nodes), and the constants' placeholders theirs."""
     from torch._guards import detect_fake_mode
 
     fake_mode = detect_fake_mode([n.meta["val"] for n in graph.nodes if "val" in n.meta])
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.name in constants:
+            node.meta["val"] = fake_mode.from_tensor(constants[node.name], static_shapes=True)
     with fake_mode:
         for node in graph.nodes:
             if node.op == "call_function" and "val" not in node.meta:

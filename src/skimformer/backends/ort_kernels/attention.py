@@ -7,71 +7,241 @@ runs unfused attention over them. GroupQueryAttention reads the cache in its `[B
 layout with the KV heads shared, appends the new keys itself, and, when the engine binds the
 same buffer as `past_key` and `present_key`, writes them in place: a step then copies no cache.
 
-The rule works from what `ir` knows (each layer's present and past cache ports and the attention
-site that reads them), not from ONNX patterns. Per layer it inserts one
-`skim_ort::group_query_attention(q, k_new, v_new, past_key, past_value, bias, scale)` whose
-torch definition is the computation it replaces: causal attention over the concatenated cache
-plus the model's own additive mask (`bias`, padding and causality as the model built them).
-Query rows whose every key is masked (the left padding of a prompt) are unspecified, as they
-are for the model: the kernel and torch's attention disagree there, and nothing reads them.
+The rule works from what `ir` knows (each layer's present and past cache ports, the attention
+site that reads them, the rotary embedding), not from ONNX patterns. Per layer it inserts one
+`skim_ort::group_query_attention` whose torch definition is the computation it replaces: causal
+attention over the concatenated cache plus the model's own additive mask (`bias`, padding and
+causality as the model built them). Query rows whose every key is masked (the left padding of a
+prompt) are unspecified, as they are for the model: the kernel and torch's attention disagree
+there, and nothing reads them.
 
-The rotary embedding stays outside the op, exactly as the model computes it, so positions of
-left-padded rows and of compressed caches remain the model's own.
+A decode step is where a small model's time goes to the number of ops rather than to
+arithmetic (an ONNX Runtime node costs microseconds however small its tensors), so the rule
+also removes what surrounds attention:
+- the op reads queries, keys and values token-major (`[B, S, H*D]`), as the projections write
+  them, and its output goes straight to the output projection: no head transposes;
+- in a step with a past cache the rotary embedding runs inside the op (`do_rotary`, tables read
+  off the model's own rotation and checked against it, `ir.rotary.rotary_tables`), at the
+  model's own position ids. A prefill keeps the model's rotation outside the op: the kernel
+  takes only the first position of a prompt, and rows of a left-padded prompt start at
+  different positions;
+- the kernel's length inputs and the bias are computed once per program, not per layer.
 """
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import Tensor
 
+from skimformer.ir.graph import descendants, op_name, shape
+from skimformer.ir.rotary import RotaryTables, find_rotary, rotary_candidates, rotates_by, rotate
+from skimformer.ir.sizes import same_size
 from skimformer.kernels.channel_quant import causal_attention
+
+aten = torch.ops.aten
+# Rotary tables cover positions [0, ROTARY_POSITIONS) when the program's sizes do not bound them:
+# 8 MB of tables for a 64-wide head. ONNX Runtime refuses a position past them.
+ROTARY_POSITIONS = 32768
+
+
+def _heads_first(x: Tensor, heads: int) -> Tensor:
+    return x.unflatten(2, (heads, -1)).transpose(1, 2)
 
 
 @torch.library.custom_op("skim_ort::group_query_attention", mutates_args=())
 def group_query_attention(q: Tensor, k: Tensor, v: Tensor, past_key: Tensor | None, past_value: Tensor | None,
-                          bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Causal attention of `q [B,H,S,D]` over the past and new keys `[B,H_kv,*,D]`, plus `bias`
-    (`[B|1, 1, S, T]`, additive); returns the output `[B,H,S,D]` and the grown cache."""
-    key = k.clone() if past_key is None else torch.cat([past_key, k], dim=2)
+                          bias: Tensor | None, seqlens_k: Tensor, total_length: Tensor, query_lengths: Tensor | None,
+                          positions: Tensor | None, cos: Tensor | None, sin: Tensor | None, heads: int, kv_heads: int,
+                          scale: float, interleaved: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Causal attention of `q [B,S,H*D]` over the past and new keys (`k`, `v` `[B,S,H_kv*D]`),
+    plus `bias` (`[B|1, 1, S, T]`, additive); with tables, `q` and `k` are first rotated at
+    `positions [B,S]`. Returns the output `[B,S,H*D]` and the grown cache `[B,H_kv,T,D]`.
+    `seqlens_k`, `total_length` and `query_lengths` are the kernel's length inputs, computed once
+    per program; they follow from the other inputs and this definition does not read them."""
+    q, k, v = _heads_first(q, heads), _heads_first(k, kv_heads), _heads_first(v, kv_heads)
+    if cos is not None:
+        q = rotate(q, cos[positions][:, None], sin[positions][:, None], interleaved)
+        k = rotate(k, cos[positions][:, None], sin[positions][:, None], interleaved)
+    key = k if past_key is None else torch.cat([past_key, k], dim=2)
     value = v.clone() if past_value is None else torch.cat([past_value, v], dim=2)
-    return causal_attention(q, key, value, bias, scale), key, value
+    attended = causal_attention(q, key, value, bias, scale)
+    return attended.transpose(1, 2).flatten(2), key.contiguous(), value.contiguous()
 
 
 @group_query_attention.register_fake
-def _(q, k, v, past_key, past_value, bias, scale):
-    grown = list(k.shape)
-    if past_key is not None:
-        grown[2] = past_key.shape[2] + k.shape[2]
-    return q.new_empty(q.shape), k.new_empty(grown), v.new_empty(grown)
+def _(q, k, v, past_key, past_value, bias, seqlens_k, total_length, query_lengths, positions, cos, sin, heads, kv_heads,
+      scale, interleaved):
+    head_dim = k.shape[2] // kv_heads
+    tokens = k.shape[1] if past_key is None else past_key.shape[2] + k.shape[1]
+    cache = (k.shape[0], kv_heads, tokens, head_dim)
+    return q.new_empty(q.shape), k.new_empty(cache), v.new_empty(cache)
 
 
 OP = torch.ops.skim_ort.group_query_attention.default
 
 
-def fuse_cache_attention(module: fx.GraphModule, graph: fx.Graph) -> int:
-    """Rewrite every layer whose cache and attention fit the kernel; returns how many were.
+@dataclass
+class _Lengths:
+    """What every layer reading one mask shares: the additive bias and the kernel's lengths."""
+    bias: fx.Node | None
+    seqlens_k: fx.Node
+    total: fx.Node
+    query_lengths: fx.Node | None  # in a step with a past: every row's S tokens are queries
+
+
+def fuse_cache_attention(module: fx.GraphModule, graph: fx.Graph, first_input: fx.Node,
+                         tolerance: float) -> tuple[int, dict[str, Tensor]]:
+    """Rewrite every layer whose cache and attention fit the kernel; returns how many were and
+    the constants the rewrite reads (rotary tables, by the placeholder names it gave them).
 
     The layers are found in `module` (the program's `ep.module()`); the rewrite goes into `graph`,
     a copy of the program's lifted graph whose nodes bear the same names (export need not trace
-    it again)."""
-    from skimformer.passes.cache_attention import additive, cache_attentions
+    it again). Rotary tables become placeholders before `first_input` (the first user input),
+    which the caller lifts as constants; `tolerance` is how closely their rotation must match
+    the model's."""
+    from skimformer.passes.cache_attention import cache_attentions
 
     found, _ = cache_attentions(module, "kernel selection")
     same = {n.name: n for n in graph.nodes}
-    node_in = lambda n: n if n is None or isinstance(n, float) else same[n.name]  # noqa: E731
+    node_in = lambda n: n if n is None else same[n.name]  # noqa: E731
     out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    lengths: dict[fx.Node | None, _Lengths] = {}
+    tables = _TableSource(module, graph, first_input, tolerance)
     for layer in found:
         site = node_in(layer.layer.attention.node)
+        q_heads, k_heads = shape(layer.layer.attention.q)[1], shape(layer.k_new)[1]
+        rotary = tables.for_layer(layer) if layer.layer.past_key is not None else None
+        q, k = (rotary.q.key, rotary.k.key) if rotary else (layer.layer.attention.q, layer.k_new)
         with graph.inserting_before(site):
-            node = graph.call_function(OP, (node_in(layer.layer.attention.q), node_in(layer.k_new),
-                                            node_in(layer.v_new), node_in(layer.layer.past_key),
-                                            node_in(layer.layer.past_value), additive(graph, node_in(layer.mask)),
-                                            layer.scale))
+            q, k, v = (_token_major(graph, node_in(x)) for x in (q, k, layer.v_new))
+            if layer.mask not in lengths:
+                lengths[layer.mask] = _shared_lengths(graph, node_in(layer.mask), q, shape(layer.layer.attention.q)[2],
+                                                      node_in(layer.layer.past_key))
+            shared = lengths[layer.mask]
+            positions, cos, sin = (same["position_ids"], *tables.placeholders(rotary.tables)) if rotary else (None,) * 3
+            node = graph.call_function(OP, (q, k, v, node_in(layer.layer.past_key), node_in(layer.layer.past_value),
+                                            shared.bias, shared.seqlens_k, shared.total, shared.query_lengths,
+                                            positions, cos, sin,
+                                            q_heads, k_heads, layer.scale, bool(rotary and rotary.tables.interleaved)))
             node.meta["skim"] = "kernel-selection"
             attended, key, value = (graph.call_function(operator.getitem, (node, i)) for i in range(3))
-        site.replace_all_uses_with(attended)
+        _replace_output(graph, site, attended, q_heads)
         out.replace_input_with(node_in(layer.layer.key), key)
         out.replace_input_with(node_in(layer.layer.value), value)
-    return len(found)
+    return len(found), tables.constants
+
+
+def _token_major(graph: fx.Graph, x: fx.Node) -> fx.Node:
+    """`x [B,H,S,D]` as `[B,S,H*D]`: the projection it was split from when it is
+    `transpose(view(projection, [B,S,H,D]), 1, 2)`, else a transpose and flatten."""
+    if op_name(x) == "transpose" and sorted(x.args[1:]) == [1, 2]:
+        split = x.args[0]
+        source = split.args[0] if op_name(split) in ("view", "reshape", "_unsafe_view") else None
+        wanted = shape(x)
+        if source is not None and len(shape(source)) == 3 and same_size(shape(source)[2], wanted[1] * wanted[3]) \
+                and same_size(shape(source)[1], wanted[2]):
+            return source
+    return graph.call_function(aten.flatten.using_ints, (graph.call_function(aten.transpose.int, (x, 1, 2)), 2))
+
+
+def _shared_lengths(graph: fx.Graph, mask: fx.Node | None, q: fx.Node, steps_size, past_key: fx.Node | None) -> _Lengths:
+    """The bias (additive, broadcast to the kernel's `[B|1, 1|H, S, T]`) and the lengths: every
+    row holds `T` tokens after the step (left padding is masked by the bias, not shortened), so
+    `seqlens_k = T - 1` for each row. `q` is token-major, `steps_size` its token count."""
+    from skimformer.passes.cache_attention import additive
+
+    size = lambda x, d: graph.call_function(aten.sym_size.int, (x, d))  # noqa: E731
+    bias = additive(graph, mask)
+    steps = size(q, 1)
+    if bias is not None:
+        if not same_size(shape(mask)[2], steps_size):
+            bias = graph.call_function(aten.expand.default, (bias, [-1, -1, steps, -1]))
+        total = size(bias, 3)
+    else:
+        total = steps if past_key is None else graph.call_function(operator.add, (size(past_key, 2), steps))
+    per_row = lambda length: graph.call_function(aten.full.default, ([size(q, 0)], length),  # noqa: E731
+                                                 {"dtype": torch.int32})
+    seqlens = per_row(graph.call_function(operator.sub, (total, 1)))
+    total_scalar = graph.call_function(aten.scalar_tensor.default, (total,), {"dtype": torch.int32})
+    return _Lengths(bias, seqlens, total_scalar, None if past_key is None else per_row(steps))
+
+
+def _replace_output(graph: fx.Graph, site: fx.Node, attended: fx.Node, heads: int) -> None:
+    """Give the site's readers the op's token-major output: where the model turns attention's
+    `[B,H,S,D]` back into `[B,S,H*D]` (shape-keeping views, `transpose(1, 2)`, a copy, a view to
+    rank 3) the op's output replaces that whole chain; otherwise it is split into heads again."""
+    node = site
+    while len(node.users) == 1 and op_name(node) in ("scaled_dot_product_attention", "view", "reshape",
+                                                     "_unsafe_view") and (node is site or _keeps_shape(node)):
+        node = next(iter(node.users))
+    if op_name(node) == "transpose" and sorted(node.args[1:]) == [1, 2] and len(node.users) == 1:
+        merged = next(iter(node.users))
+        if op_name(merged) in ("contiguous", "clone") and len(merged.users) == 1:
+            merged = next(iter(merged.users))
+        if op_name(merged) in ("view", "reshape", "_unsafe_view") and len(shape(merged)) == 3 \
+                and same_size(shape(merged)[2], shape(site)[1] * shape(site)[3]):
+            merged.replace_all_uses_with(attended)
+            return
+    with graph.inserting_after(attended):
+        split = graph.call_function(aten.unflatten.int, (attended, 2, [heads, -1]))
+        with graph.inserting_after(split):
+            back = graph.call_function(aten.transpose.int, (split, 1, 2))
+    site.replace_all_uses_with(back)
+
+
+def _keeps_shape(node: fx.Node) -> bool:
+    from skimformer.ir.sizes import same_shape
+
+    return same_shape(shape(node), shape(node.args[0]))
+
+
+@dataclass
+class _LayerRotary:
+    q: object  # ir.rotary.Rotary of the queries
+    k: object  # ... of the new keys
+    tables: RotaryTables
+
+
+class _TableSource:
+    """Rotary tables for the layers of one program: read once per table computation the model
+    shares between layers, checked against every layer's query and key rotation, and given to
+    the graph as placeholders once."""
+
+    def __init__(self, module: fx.GraphModule, graph: fx.Graph, first_input: fx.Node, tolerance: float):
+        self.module, self.graph, self.first_input, self.tolerance = module, graph, first_input, tolerance
+        self.positions = next((n for n in module.graph.nodes if n.op == "placeholder" and n.name == "position_ids"),
+                              None)
+        self.candidates: dict[frozenset, list[RotaryTables]] = {}
+        self.constants: dict[str, Tensor] = {}
+        self.nodes: dict[int, tuple[fx.Node, fx.Node]] = {}
+
+    def for_layer(self, layer) -> _LayerRotary | None:
+        if self.positions is None:
+            return None
+        q = find_rotary(self.module.graph, layer.layer.attention.q, self.positions)
+        k = find_rotary(self.module.graph, layer.k_new, self.positions)
+        if q is None or k is None:
+            return None
+        computation = frozenset(k.nodes) - descendants([k.key])
+        if computation not in self.candidates:
+            self.candidates[computation] = rotary_candidates(self.module, k, ROTARY_POSITIONS)
+        chosen = next((t for t in self.candidates[computation]
+                       if rotates_by(self.module, q, t, self.tolerance) and rotates_by(self.module, k, t, self.tolerance)),
+                      None)
+        return _LayerRotary(q, k, chosen) if chosen is not None else None
+
+    def placeholders(self, tables: RotaryTables) -> tuple[fx.Node, fx.Node]:
+        if id(tables) not in self.nodes:
+            index = len(self.nodes)
+            pair = []
+            for kind in ("cos", "sin"):
+                name = f"skim_rotary_{kind}_{index}"
+                self.constants[name] = getattr(tables, kind)
+                with self.graph.inserting_before(self.first_input):
+                    pair.append(self.graph.placeholder(name))
+            self.nodes[id(tables)] = tuple(pair)
+        return self.nodes[id(tables)]
+

@@ -3,6 +3,10 @@
 - Residual + norm: `SimplifiedLayerNormalization` (RMSNorm) and `Skip(Simplified)LayerNormalization`
   (the residual add fused into the norm that follows it), by onnxscript's ONNX Runtime fusion
   rules: their element-wise patterns are the same in every model, and a library maintains them.
+- Packed QKV: the query, key and value projections that feed one GroupQueryAttention and read
+  the same input become one MatMul over their weights side by side, whose output the kernel
+  takes as its packed query (`[B, S, (H + 2 H_kv) D]`): two fewer nodes per layer, and one
+  wider matmul that threads better than three narrow ones.
 - The past length: under the decoder convention a step's past length is the attention mask's
   length minus the step's tokens. The exporter reads it from the cache's size instead, which
   ties the cache's size to its content; reading it from the mask lets the engine bind a
@@ -54,7 +58,55 @@ def past_length_from_mask(model) -> int:
     return replaced
 
 
+def pack_qkv(model) -> int:
+    """Give every GroupQueryAttention whose query, key and value come from bias-free MatMuls of one
+    input by constant weights a packed QKV instead; returns how many were packed."""
+    import numpy as np
+    import onnx_ir as ir
+
+    graph = model.graph
+    packed = 0
+    for node in [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]:
+        projections = [value.producer() if value is not None else None for value in node.inputs[:3]]
+        if not all(_is_projection(p) and _read_by_kernel_or_sizes(p.outputs[0], node) for p in projections) \
+                or len({p.inputs[0] for p in projections}) != 1:
+            continue
+        weights = [p.inputs[1] for p in projections]
+        joined = ir.Value(name=f"{weights[0].name}_qkv",
+                          const_value=ir.tensor(np.concatenate([w.const_value.numpy() for w in weights], axis=1)))
+        graph.register_initializer(joined)
+        matmul = ir.node("MatMul", [projections[0].inputs[0], joined])
+        graph.insert_before(node, matmul)
+        for projection in projections:  # the batch and token sizes read from them are the packed output's
+            for user, index in list(projection.outputs[0].uses()):
+                if user is not node:
+                    user.replace_input_with(index, matmul.outputs[0])
+        node.replace_input_with(0, matmul.outputs[0])
+        node.replace_input_with(1, None)
+        node.replace_input_with(2, None)
+        for projection, weight in zip(projections, weights):
+            graph.remove(projection, safe=True)
+            if not weight.uses():
+                graph.initializers.pop(weight.name)
+        packed += 1
+    return packed
+
+
+def _read_by_kernel_or_sizes(value, kernel) -> bool:
+    """Whether `value` is read only by `kernel` and for its batch or token size (`[B, S, ...]`)."""
+    return all(user is kernel or (user.op_type == "Shape" and user.domain == ""
+                                  and user.attributes.get_int("end", 99) <= 2) for user, _ in value.uses())
+
+
+def _is_projection(node) -> bool:
+    """A MatMul by a constant 2-D weight, as the exporter writes a bias-free linear layer."""
+    return (node is not None and node.op_type == "MatMul" and node.domain == "" and len(node.inputs) == 2
+            and node.inputs[1].const_value is not None and len(node.inputs[1].const_value.shape) == 2
+            and node.inputs[1].name in node.graph.initializers)
+
+
 def apply(model) -> dict[str, int]:
     counts = fuse_norms(model)
     moved = past_length_from_mask(model)
-    return {**counts, **({"past_length_from_mask": moved} if moved else {})}
+    packed = pack_qkv(model)
+    return {**counts, **({"past_length_from_mask": moved} if moved else {}), **({"packed_qkv": packed} if packed else {})}
