@@ -59,6 +59,8 @@ def test_decode_steps_rotate_and_pack_qkv_inside_the_kernel(fused):
         assert kernel.input[1] == kernel.input[2] == ""  # key and value are packed into the query
     ops = op_counts(fused.folder / "decode.onnx")
     assert ops["Sin"] == ops["Cos"] == ops["Neg"] == ops["Transpose"] == 0
+    tables = {kernel.input[7] for kernel in kernels} | {kernel.input[8] for kernel in kernels}
+    assert len(tables) == 2  # one cos and one sin table, shared by the layers
     assert ops["MatMul"] == 2 * 5 + 1  # per layer: packed QKV, output, gate, up, down; then the LM head
     prefill = onnx.load(str(fused.folder / "prefill.onnx"), load_external_data=False).graph
     assert not any(a.name == "do_rotary" for n in prefill.node if n.op_type == "GroupQueryAttention"
@@ -114,8 +116,24 @@ def test_int4_weights_are_matmul_nbits_with_reported_fidelity(tiny_decoder, tmp_
     engine = optimize(tiny_decoder, output=tmp_path / "eng", backend_options={"weights": "int4"})
     ops = op_counts(engine.folder / "decode.onnx")
     assert ops["com.microsoft:MatMulNBits"] >= 7 and ops["com.microsoft:GroupQueryAttention"] == 2
+    assert ops["MatMul"] == 0  # the tied LM head too: its weight is the embedding table, transposed
     report = (engine.folder / "report.json").read_text()
     assert '"lossy": true' in report and '"min_cosine"' in report
+
+
+def test_int4_weights_quantize_a_tied_lm_head(tmp_path):
+    """GPT-2's LM head is its embedding table, transposed: the exporter reads it through a
+    Transpose, which ONNX Runtime's quantizer does not take; the head is a third of the weights."""
+    import torch
+    import transformers as tf
+
+    from skimformer.zoo import export_model
+
+    torch.manual_seed(0)
+    export_model(tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=300, n_embd=64, n_layer=1, n_head=4)), tmp_path / "gpt2")
+    engine = optimize(tmp_path / "gpt2", output=tmp_path / "eng", backend_options={"weights": "int4"})
+    ops = op_counts(engine.folder / "decode.onnx")
+    assert ops["MatMul"] == 0 and ops["com.microsoft:MatMulNBits"] == 1  # its other projections are Gemm
 
 
 def test_backend_options_are_checked(tiny_decoder, tmp_path):

@@ -43,6 +43,7 @@ def test_channel_cache_runs_fused_in_place_and_matches_its_programs(tiny_decoder
     assert len(attention) == 2
     attributes = {a.name: (a.s.decode() if a.s else a.i) for a in attention[0].attribute}
     assert attributes["k_quant_type"] == "PER_CHANNEL" and attributes["kv_cache_bit_width"] == bits
+    assert attributes["do_rotary"] == 1 and attention[0].input[1] == ""  # rotary inside, QKV packed
     assert engine.runners["decode"].in_place_cache
     ids = np.random.default_rng(0).integers(3, 300, (2, 10))
     mask = np.ones_like(ids)

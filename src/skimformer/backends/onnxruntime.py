@@ -106,12 +106,37 @@ def quantize_weights(path: Path, bits: int) -> None:
     root.setLevel(level)  # the quantizer's module configures the root logger at INFO when imported
     root.handlers[:] = handlers
     model = onnx.load(str(path))
+    _fold_weight_transposes(model.graph)
     with _quiet():
         quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=WEIGHT_BLOCK, is_symmetric=True,
                                          accuracy_level=4)
         quantizer.process()
     (path.parent / external_data(path)).unlink()  # onnx.save appends to an existing data file
     onnx.save(quantizer.model.model, str(path), save_as_external_data=True, location=external_data(path))
+
+
+def _fold_weight_transposes(graph) -> None:
+    """Give every MatMul that reads a transposed weight (a tied LM head: the embedding table,
+    `Transpose`d) the transposed weight as a constant of its own, which the quantizer takes
+    (it quantizes only constant weights). The float table stays for the embedding's lookup."""
+    from onnx import numpy_helper
+
+    initializers = {i.name: i for i in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        transpose = producers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in initializers:
+            continue
+        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), [1, 0])
+        weight = numpy_helper.to_array(initializers[transpose.input[0]])
+        if weight.ndim != 2 or perm != [1, 0]:
+            continue
+        folded = numpy_helper.from_array(weight.T.copy(), name=f"{transpose.input[0]}_transposed")
+        graph.initializer.append(folded)
+        node.input[1] = folded.name
+    used = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
+    for node in [n for n in graph.node if n.op_type == "Transpose" and not set(n.output) & used]:
+        graph.node.remove(node)
 
 
 def export_onnx(program: Program, ep: torch.export.ExportedProgram, path: Path, translations: dict | None = None,

@@ -39,7 +39,7 @@ from torch import Tensor
 from skimformer.ir.graph import descendants, op_name, shape
 from skimformer.ir.rotary import RotaryTables, find_rotary, rotary_candidates, rotates_by, rotate
 from skimformer.ir.sizes import same_size
-from skimformer.kernels.channel_quant import causal_attention
+from skimformer.kernels.channel_quant import cache_quant_attention_ref, causal_attention
 
 aten = torch.ops.aten
 # Rotary tables cover positions [0, ROTARY_POSITIONS) when the program's sizes do not bound them:
@@ -54,33 +54,43 @@ def _heads_first(x: Tensor, heads: int) -> Tensor:
 @torch.library.custom_op("skim_ort::group_query_attention", mutates_args=())
 def group_query_attention(q: Tensor, k: Tensor, v: Tensor, past_key: Tensor | None, past_value: Tensor | None,
                           bias: Tensor | None, seqlens_k: Tensor, total_length: Tensor, query_lengths: Tensor | None,
-                          positions: Tensor | None, cos: Tensor | None, sin: Tensor | None, heads: int, kv_heads: int,
-                          scale: float, interleaved: bool) -> tuple[Tensor, Tensor, Tensor]:
+                          positions: Tensor | None, cos: Tensor | None, sin: Tensor | None, k_scale: Tensor | None,
+                          v_scale: Tensor | None, bits: int, heads: int, kv_heads: int, scale: float,
+                          interleaved: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Causal attention of `q [B,S,H*D]` over the past and new keys (`k`, `v` `[B,S,H_kv*D]`),
     plus `bias` (`[B|1, 1, S, T]`, additive); with tables, `q` and `k` are first rotated at
-    `positions [B,S]`. Returns the output `[B,S,H*D]` and the grown cache `[B,H_kv,T,D]`.
+    `positions [B,S]`. Returns the output `[B,S,H*D]` and the grown cache `[B,H_kv,T,D]`: float,
+    or with `k_scale`, `v_scale` the codes of `skim::cache_quant_attention` (`bits` 8 or 4).
     `seqlens_k`, `total_length` and `query_lengths` are the kernel's length inputs, computed once
     per program; they follow from the other inputs and this definition does not read them."""
     q, k, v = _heads_first(q, heads), _heads_first(k, kv_heads), _heads_first(v, kv_heads)
     if cos is not None:
         q = rotate(q, cos[positions][:, None], sin[positions][:, None], interleaved)
         k = rotate(k, cos[positions][:, None], sin[positions][:, None], interleaved)
-    key = k if past_key is None else torch.cat([past_key, k], dim=2)
-    value = v.clone() if past_value is None else torch.cat([past_value, v], dim=2)
-    attended = causal_attention(q, key, value, bias, scale)
+    if k_scale is not None:
+        attended, key, value = cache_quant_attention_ref(q, k, v, past_key, past_value, bias, k_scale, v_scale, bits,
+                                                         scale)
+    else:
+        key = k if past_key is None else torch.cat([past_key, k], dim=2)
+        value = v.clone() if past_value is None else torch.cat([past_value, v], dim=2)
+        attended = causal_attention(q, key, value, bias, scale)
     return attended.transpose(1, 2).flatten(2), key.contiguous(), value.contiguous()
 
 
 @group_query_attention.register_fake
-def _(q, k, v, past_key, past_value, bias, seqlens_k, total_length, query_lengths, positions, cos, sin, heads, kv_heads,
-      scale, interleaved):
+def _(q, k, v, past_key, past_value, bias, seqlens_k, total_length, query_lengths, positions, cos, sin, k_scale, v_scale,
+      bits, heads, kv_heads, scale, interleaved):
     head_dim = k.shape[2] // kv_heads
     tokens = k.shape[1] if past_key is None else past_key.shape[2] + k.shape[1]
-    cache = (k.shape[0], kv_heads, tokens, head_dim)
-    return q.new_empty(q.shape), k.new_empty(cache), v.new_empty(cache)
+    if k_scale is None:
+        cache = (k.shape[0], kv_heads, tokens, head_dim)
+        return q.new_empty(q.shape), k.new_empty(cache), v.new_empty(cache)
+    cache, dtype = (k.shape[0], kv_heads, tokens, head_dim * bits // 8), torch.int8 if bits == 8 else torch.uint8
+    return q.new_empty(q.shape), k.new_empty(cache, dtype=dtype), v.new_empty(cache, dtype=dtype)
 
 
 OP = torch.ops.skim_ort.group_query_attention.default
+QUANTIZED_OP = torch.ops.skim.cache_quant_attention.default
 
 
 @dataclass
@@ -92,46 +102,84 @@ class _Lengths:
     query_lengths: fx.Node | None  # in a step with a past: every row's S tokens are queries
 
 
+@dataclass
+class _Site:
+    """One layer's attention as the kernel takes it (nodes of `ep.module()`'s graph): queries and
+    the step's keys and values `[B,H,S,D]` after rotation, the past cache, the model's mask; the
+    node whose `[B,H,S,D]` output the kernel's output replaces and those of the grown cache."""
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    past_key: fx.Node | None
+    past_value: fx.Node | None
+    mask: fx.Node | None
+    scale: float
+    output: fx.Node
+    key: fx.Node
+    value: fx.Node
+    quantized: tuple = ()  # (k_scale, v_scale, bits) of a `skim::cache_quant_attention` (its output is item 0)
+
+
 def fuse_cache_attention(module: fx.GraphModule, graph: fx.Graph, first_input: fx.Node,
                          tolerance: float) -> tuple[int, dict[str, Tensor]]:
     """Rewrite every layer whose cache and attention fit the kernel; returns how many were and
     the constants the rewrite reads (rotary tables, by the placeholder names it gave them).
 
-    The layers are found in `module` (the program's `ep.module()`); the rewrite goes into `graph`,
-    a copy of the program's lifted graph whose nodes bear the same names (export need not trace
-    it again). Rotary tables become placeholders before `first_input` (the first user input),
-    which the caller lifts as constants; `tolerance` is how closely their rotation must match
-    the model's."""
-    from skimformer.passes.cache_attention import cache_attentions
-
-    found, _ = cache_attentions(module, "kernel selection")
+    The layers are found in `module` (the program's `ep.module()`): plain growing caches, and the
+    `skim::cache_quant_attention` of `kv-quant(scheme=channel)`. The rewrite goes into `graph`, a
+    copy of the program's lifted graph whose nodes bear the same names (export need not trace it
+    again). Rotary tables become placeholders before `first_input` (the first user input), which
+    the caller lifts as constants; `tolerance` is how closely their rotation must match the
+    model's."""
     same = {n.name: n for n in graph.nodes}
     node_in = lambda n: n if n is None else same[n.name]  # noqa: E731
     out = next(n for n in reversed(graph.nodes) if n.op == "output")
     lengths: dict[fx.Node | None, _Lengths] = {}
     tables = _TableSource(module, graph, first_input, tolerance)
-    for layer in found:
-        site = node_in(layer.layer.attention.node)
-        q_heads, k_heads = shape(layer.layer.attention.q)[1], shape(layer.k_new)[1]
-        rotary = tables.for_layer(layer) if layer.layer.past_key is not None else None
-        q, k = (rotary.q.key, rotary.k.key) if rotary else (layer.layer.attention.q, layer.k_new)
-        with graph.inserting_before(site):
-            q, k, v = (_token_major(graph, node_in(x)) for x in (q, k, layer.v_new))
-            if layer.mask not in lengths:
-                lengths[layer.mask] = _shared_lengths(graph, node_in(layer.mask), q, shape(layer.layer.attention.q)[2],
-                                                      node_in(layer.layer.past_key))
-            shared = lengths[layer.mask]
+    sites = _sites(module)
+    for site in sites:
+        q_heads, k_heads = shape(site.q)[1], shape(site.k)[1]
+        rotary = tables.for_layer(site) if site.past_key is not None else None
+        q, k = (rotary.q.key, rotary.k.key) if rotary else (site.q, site.k)
+        with graph.inserting_before(node_in(site.output)):
+            q, k, v = (_token_major(graph, node_in(x)) for x in (q, k, site.v))
+            if site.mask not in lengths:
+                lengths[site.mask] = _shared_lengths(graph, node_in(site.mask), q, shape(site.q)[2],
+                                                     node_in(site.past_key))
+            shared = lengths[site.mask]
             positions, cos, sin = (same["position_ids"], *tables.placeholders(rotary.tables)) if rotary else (None,) * 3
-            node = graph.call_function(OP, (q, k, v, node_in(layer.layer.past_key), node_in(layer.layer.past_value),
+            # the scales as the lifted graph reads them (its buffers are placeholders of other names)
+            k_scale, v_scale, bits = (*node_in(site.output).args[0].args[6:8], site.quantized[2]) \
+                if site.quantized else (None, None, 0)
+            node = graph.call_function(OP, (q, k, v, node_in(site.past_key), node_in(site.past_value),
                                             shared.bias, shared.seqlens_k, shared.total, shared.query_lengths,
-                                            positions, cos, sin,
-                                            q_heads, k_heads, layer.scale, bool(rotary and rotary.tables.interleaved)))
+                                            positions, cos, sin, k_scale, v_scale, bits,
+                                            q_heads, k_heads, site.scale, bool(rotary and rotary.tables.interleaved)))
             node.meta["skim"] = "kernel-selection"
             attended, key, value = (graph.call_function(operator.getitem, (node, i)) for i in range(3))
-        _replace_output(graph, site, attended, q_heads)
-        out.replace_input_with(node_in(layer.layer.key), key)
-        out.replace_input_with(node_in(layer.layer.value), value)
-    return len(found), tables.constants
+        _replace_output(graph, node_in(site.output), attended, q_heads)
+        for old, new in ((site.key, key), (site.value, value)):
+            if site.quantized:
+                node_in(old).replace_all_uses_with(new)
+            else:
+                out.replace_input_with(node_in(old), new)
+    return len(sites), tables.constants
+
+
+def _sites(module: fx.GraphModule) -> list[_Site]:
+    from skimformer.passes.cache_attention import cache_attentions
+
+    found, _ = cache_attentions(module, "kernel selection")
+    sites = [_Site(c.layer.attention.q, c.k_new, c.v_new, c.layer.past_key, c.layer.past_value, c.mask, c.scale,
+                   c.layer.attention.node, c.layer.key, c.layer.value) for c in found]
+    for node in module.graph.nodes:
+        if node.target is QUANTIZED_OP:
+            q, k, v, past_key, past_value, bias, k_scale, v_scale, bits, scale = node.args
+            parts = {user.args[1]: user for user in node.users if op_name(user) == "getitem"}
+            if len(parts) == 3:
+                sites.append(_Site(q, k, v, past_key, past_value, bias, scale, parts[0], parts[1], parts[2],
+                                   (k_scale, v_scale, bits)))
+    return sites
 
 
 def _token_major(graph: fx.Graph, x: fx.Node) -> fx.Node:
@@ -174,8 +222,8 @@ def _replace_output(graph: fx.Graph, site: fx.Node, attended: fx.Node, heads: in
     `[B,H,S,D]` back into `[B,S,H*D]` (shape-keeping views, `transpose(1, 2)`, a copy, a view to
     rank 3) the op's output replaces that whole chain; otherwise it is split into heads again."""
     node = site
-    while len(node.users) == 1 and op_name(node) in ("scaled_dot_product_attention", "view", "reshape",
-                                                     "_unsafe_view") and (node is site or _keeps_shape(node)):
+    while len(node.users) == 1 and (node is site or (op_name(node) in ("view", "reshape", "_unsafe_view")
+                                                     and _keeps_shape(node))):
         node = next(iter(node.users))
     if op_name(node) == "transpose" and sorted(node.args[1:]) == [1, 2] and len(node.users) == 1:
         merged = next(iter(node.users))
@@ -218,17 +266,20 @@ class _TableSource:
         self.constants: dict[str, Tensor] = {}
         self.nodes: dict[int, tuple[fx.Node, fx.Node]] = {}
 
-    def for_layer(self, layer) -> _LayerRotary | None:
+    def for_layer(self, site: _Site) -> _LayerRotary | None:
         if self.positions is None:
             return None
-        q = find_rotary(self.module.graph, layer.layer.attention.q, self.positions)
-        k = find_rotary(self.module.graph, layer.k_new, self.positions)
+        q = find_rotary(self.module.graph, site.q, self.positions)
+        k = find_rotary(self.module.graph, site.k, self.positions)
         if q is None or k is None:
             return None
+        # layers share the model's cos and sin and differ in what moves them into place (an
+        # unsqueeze per layer): key by those, and check each layer's own rotation against them
         computation = frozenset(k.nodes) - descendants([k.key])
-        if computation not in self.candidates:
-            self.candidates[computation] = rotary_candidates(self.module, k, ROTARY_POSITIONS)
-        chosen = next((t for t in self.candidates[computation]
+        source = frozenset(n for n in computation if op_name(n) in ("cos", "sin")) or computation
+        if source not in self.candidates:
+            self.candidates[source] = rotary_candidates(self.module, k, ROTARY_POSITIONS)
+        chosen = next((t for t in self.candidates[source]
                        if rotates_by(self.module, q, t, self.tolerance) and rotates_by(self.module, k, t, self.tolerance)),
                       None)
         return _LayerRotary(q, k, chosen) if chosen is not None else None

@@ -43,64 +43,42 @@ def register_schemas() -> None:
 
 
 def translations() -> dict:
-    """The exporter's translation table for the ops kernel selection inserts or lowers."""
+    """The exporter's translation table for the ops kernel selection inserts."""
     import torch
 
     register_schemas()
-    return {torch.ops.skim_ort.group_query_attention.default: _group_query_attention,
-            torch.ops.skim.cache_quant_attention.default: _cache_quant_attention}
+    return {torch.ops.skim_ort.group_query_attention.default: _group_query_attention}
 
 
 def _group_query_attention(q, k, v, past_key, past_value, bias, seqlens_k, total_length, query_lengths, positions, cos,
-                           sin, heads: int, kv_heads: int, scale: float, interleaved: bool):
-    """`skim_ort::group_query_attention` as GroupQueryAttention over a float cache: its operands
-    are the kernel's own (token-major, lengths computed), so it maps input for input."""
-    rotary = {"do_rotary": 1, "rotary_interleaved": int(interleaved)} if cos is not None else {}
+                           sin, k_scale, v_scale, bits: int, heads: int, kv_heads: int, scale: float,
+                           interleaved: bool):
+    """`skim_ort::group_query_attention` as GroupQueryAttention: its operands are the kernel's own
+    (token-major, lengths computed), so it maps input for input. A quantized cache's scales
+    select the kernel's per-channel codes; its prefill gets an empty cache of codes, from which
+    the kernel learns their type."""
+    attributes = {"do_rotary": 1, "rotary_interleaved": int(interleaved)} if cos is not None else {}
+    if k_scale is not None:
+        attributes.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=bits)
+        if past_key is None:
+            past_key = past_value = _empty_codes(k, kv_heads, bits)
     return _ms().GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_length, cos, sin, positions,
-                                     bias, None, None, None, None, None, query_lengths, num_heads=heads,
-                                     kv_num_heads=kv_heads, scale=scale, **rotary)
+                                     bias, None, k_scale, v_scale, None, None, query_lengths, num_heads=heads,
+                                     kv_num_heads=kv_heads, scale=scale, **attributes)
 
 
-def _cache_quant_attention(q, k, v, past_key, past_value, bias, k_scale, v_scale, bits: int, scale: float):
-    """`skim::cache_quant_attention` as GroupQueryAttention over its quantized cache (per-channel
-    scales). Its operands are the model's (`[B,H,S,D]`), so heads move to the op's `[B,S,H*D]`
-    and back, and its lengths are computed here. The kernel takes a cache input to know its type:
-    a prefill gets an empty one."""
+def _empty_codes(k, kv_heads: int, bits: int):
+    """`[B, H_kv, 0, D * bits / 8]` codes for the token-major keys `k [B, S, H_kv * D]`."""
+    import onnx
     from onnxscript import opset18 as op
 
-    heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[3]
-    steps = op.Shape(q, start=2, end=3)
-    total = op.Shape(bias, start=3, end=4) if bias is not None else op.Add(op.Shape(past_key, start=2, end=3), steps)
-    batch = op.Shape(q, start=0, end=1)
-    seqlens = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), batch), to=6)
-    total_scalar = op.Cast(op.Squeeze(total, op.Constant(value_ints=[0])), to=6)
-    if bias is not None:
-        bias = op.Expand(bias, op.Concat(op.Shape(bias, start=0, end=2), steps, total, axis=0))
-    query_lens = None if past_key is None else op.Cast(op.Expand(steps, batch), to=6)  # every row's S are queries
-    if past_key is None:
-        import onnx
-
-        code = onnx.TensorProto.INT8 if bits == 8 else onnx.TensorProto.UINT8
-        empty = op.Concat(op.Shape(k, start=0, end=2), op.Constant(value_ints=[0, head_dim * bits // 8]), axis=0)
-        past_key = past_value = op.ConstantOfShape(empty, value=onnx.helper.make_tensor("zero", code, [1], [0]))
-    out, present_key, present_value = _ms().GroupQueryAttention(
-        _tokens_last(q), _tokens_last(k), _tokens_last(v), past_key, past_value, seqlens, total_scalar,
-        None, None, None, bias, None, k_scale, v_scale, None, None, query_lens,
-        num_heads=heads, kv_num_heads=kv_heads, scale=scale, k_quant_type="PER_CHANNEL",
-        v_quant_type="PER_CHANNEL", kv_cache_bit_width=bits)
-    attended = op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, head_dim])), perm=[0, 2, 1, 3])
-    return attended, present_key, present_value
+    code = onnx.TensorProto.INT8 if bits == 8 else onnx.TensorProto.UINT8
+    width = k.shape[2] // kv_heads * bits // 8
+    shape = op.Concat(op.Shape(k, start=0, end=1), op.Constant(value_ints=[kv_heads, 0, width]), axis=0)
+    return op.ConstantOfShape(shape, value=onnx.helper.make_tensor("zero", code, [1], [0]))
 
 
 def _ms():
     from onnxscript import values
 
     return values.Opset(DOMAIN, 1)
-
-
-def _tokens_last(x):
-    """`[B,H,S,D]` as the op's `[B,S,H*D]`."""
-    from onnxscript import opset18 as op
-
-    return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
-
