@@ -1,5 +1,6 @@
 """Kernel rule: a decoder layer's attention with its cache becomes ONNX Runtime's fused
-`com.microsoft.GroupQueryAttention`.
+`com.microsoft.GroupQueryAttention`, over a float cache or the per-channel int8/int4 codes of
+`kv-quant(scheme=channel)`'s `skim::cache_quant_attention`.
 
 What the exporter writes for one layer of a decode step concatenates the past and new keys
 (a full copy of the cache), repeats the KV heads to the query heads (another, larger copy), and
@@ -21,7 +22,7 @@ also removes what surrounds attention:
 - the op reads queries, keys and values token-major (`[B, S, H*D]`), as the projections write
   them, and its output goes straight to the output projection: no head transposes;
 - in a step with a past cache the rotary embedding runs inside the op (`do_rotary`, tables read
-  off the model's own rotation and checked against it, `ir.rotary.rotary_tables`), at the
+  off the model's own rotation and checked against it, `ir.rotary.rotary_candidates`), at the
   model's own position ids. A prefill keeps the model's rotation outside the op: the kernel
   takes only the first position of a prompt, and rows of a left-padded prompt start at
   different positions;
@@ -42,8 +43,8 @@ from skimformer.ir.sizes import same_size
 from skimformer.kernels.channel_quant import cache_quant_attention_ref, causal_attention
 
 aten = torch.ops.aten
-# Rotary tables cover positions [0, ROTARY_POSITIONS) when the program's sizes do not bound them:
-# 8 MB of tables for a 64-wide head. ONNX Runtime refuses a position past them.
+# Rotary tables cover positions [0, ROTARY_POSITIONS): 8 MB of tables for a 64-wide head. ONNX
+# Runtime refuses a position past them with INVALID_ARGUMENT (it does not wrap or read beyond).
 ROTARY_POSITIONS = 32768
 
 
