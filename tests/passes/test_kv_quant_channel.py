@@ -32,8 +32,10 @@ def test_codes_round_to_the_nearest_step_and_pack_the_even_channel_low():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_channel_cache_runs_fused_in_place_and_matches_its_programs(tiny_decoder, tmp_path, bits):
+def test_channel_cache_runs_fused_in_place_and_matches_its_programs(tiny_decoder, tmp_path, bits, capfd):
     engine = optimize(tiny_decoder, f"kv-quant(scheme=channel, bits={bits})", output=tmp_path / "eng")
+    printed = capfd.readouterr()
+    assert "is not known" not in printed.out + printed.err  # every value the engine holds is typed
     report = json.loads((engine.folder / "report.json").read_text())
     assert report["parity"]["ok"] and report["parity"]["max_abs"] < 1e-4
     assert report["passes"][0]["report"]["decode"]["kv_cache_bytes"]["ratio"] == pytest.approx(bits / 32)

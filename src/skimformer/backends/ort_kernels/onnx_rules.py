@@ -105,7 +105,17 @@ def _is_projection(node) -> bool:
             and node.inputs[1].name in node.graph.initializers)
 
 
+def type_attention_outputs(model) -> None:
+    """Give GroupQueryAttention's output the query's type where the exporter left it untyped (it
+    types a custom node's outputs from the values torch traced, by name, and a kernel that
+    replaced an op with outputs of its own can miss): ONNX cannot infer a contrib op's types."""
+    for node in model.graph:
+        if node.op_type == "GroupQueryAttention" and node.outputs[0].dtype is None:
+            node.outputs[0].dtype = node.inputs[0].dtype
+
+
 def apply(model) -> dict[str, int]:
+    type_attention_outputs(model)
     counts = fuse_norms(model)
     moved = past_length_from_mask(model)
     packed = pack_qkv(model)
