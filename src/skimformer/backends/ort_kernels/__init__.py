@@ -30,7 +30,7 @@ def select_graph_kernels(program: Program) -> Program:
     gm = fx.GraphModule(ep.graph_module, copy.deepcopy(ep.graph))
     specs = ep.graph_signature.input_specs
     first_user = next(i for i, s in enumerate(specs) if s.kind == InputKind.USER_INPUT)
-    first_input = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == specs[first_user].arg.name)
+    first_input = [n for n in gm.graph.nodes if n.op == "placeholder"][first_user]  # placeholders follow the specs
     fused, constants = fuse_cache_attention(program.module, gm.graph, first_input, tolerance(program.precision))
     if not fused:
         return program
