@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from skimformer import Engine, UserError, load, optimize
+from skimformer import UserError, load, optimize
 from skimformer.backends.generation import CopiedCache, generate
 from skimformer.backends.ort_cache import InPlaceCache
 from tests.decoding import torch_runner

@@ -211,31 +211,23 @@ def test_canonicalize_attention_reads_the_dtypes_mask_fill(dtype):
     assert record.matched == 1  # and the manager found it lossless at the dtype's tolerance
 
 
+@pytest.mark.parametrize("spec, tokens_after", [("tome(r=2)", [12, 10]), ("prune(keep=0.5, at=[0])", [12, 8])],
+                         ids=["tome", "prune"])
 @pytest.mark.parametrize("dtype", dtypes(torch.bfloat16))
-def test_tome(bert, dtype, tmp_path):
-    _, record, fidelity = _encoder(bert(dtype)[0], "tome(r=2)", dtype, tmp_path / "e")
-    assert record.report["tokens_per_block"]["after"] == [12, 10]
+def test_token_pass(bert, dtype, spec, tokens_after, tmp_path):
+    _, record, fidelity = _encoder(bert(dtype)[0], spec, dtype, tmp_path / "e")
+    assert record.report["tokens_per_block"]["after"] == tokens_after
     _lossy(fidelity)
 
 
+@pytest.mark.parametrize("spec", ["tome(r=0)", "prune(keep=1.0, at=[0], score=mean-attention)"],
+                         ids=["tome-merging-nothing", "prune-keeping-everything"])
 @pytest.mark.parametrize("dtype", dtypes(torch.bfloat16))
-def test_tome_merging_nothing_matches_fp32(bert, dtype):
-    """r=0: identity merges in both blocks, through the merge ops and proportional attention."""
+def test_token_pass_that_removes_nothing_matches_fp32(bert, dtype, spec):
+    """tome r=0: identity merges in both blocks, through the merge ops and proportional
+    attention; prune keep=1.0: every token kept, through the selection ops."""
     path, reference = bert(dtype)
-    _matches_fp32(_rewrite(path, "tome(r=0)")[1], reference, dtype)
-
-
-@pytest.mark.parametrize("dtype", dtypes(torch.bfloat16))
-def test_prune(bert, dtype, tmp_path):
-    _, record, fidelity = _encoder(bert(dtype)[0], "prune(keep=0.5, at=[0])", dtype, tmp_path / "e")
-    assert record.report["tokens_per_block"]["after"] == [12, 8]
-    _lossy(fidelity)
-
-
-@pytest.mark.parametrize("dtype", dtypes(torch.bfloat16))
-def test_prune_keeping_everything_matches_fp32(bert, dtype):
-    path, reference = bert(dtype)
-    _matches_fp32(_rewrite(path, "prune(keep=1.0, at=[0], score=mean-attention)")[1], reference, dtype)
+    _matches_fp32(_rewrite(path, spec)[1], reference, dtype)
 
 
 @pytest.mark.parametrize("dtype", dtypes(torch.bfloat16))

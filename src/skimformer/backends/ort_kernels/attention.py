@@ -39,7 +39,7 @@ from torch import Tensor
 
 from skimformer.ir.graph import descendants, op_name, shape
 from skimformer.ir.rotary import RotaryTables, find_rotary, rotary_candidates, rotates_by, rotate
-from skimformer.ir.sizes import same_size
+from skimformer.ir.sizes import same_shape, same_size
 from skimformer.kernels.channel_quant import cache_quant_attention_ref, causal_attention
 
 aten = torch.ops.aten
@@ -118,7 +118,7 @@ class _Site:
     output: fx.Node
     key: fx.Node
     value: fx.Node
-    quantized: tuple = ()  # (k_scale, v_scale, bits) of a `skim::cache_quant_attention` (its output is item 0)
+    bits: int = 0  # a `skim::cache_quant_attention`'s code width (its output is item 0); 0: a float cache
 
 
 def fuse_cache_attention(module: fx.GraphModule, graph: fx.Graph, first_input: fx.Node,
@@ -150,17 +150,16 @@ def fuse_cache_attention(module: fx.GraphModule, graph: fx.Graph, first_input: f
             shared = lengths[site.mask]
             positions, cos, sin = (same["position_ids"], *tables.placeholders(rotary.tables)) if rotary else (None,) * 3
             # the scales as the lifted graph reads them (its buffers are placeholders of other names)
-            k_scale, v_scale, bits = (*node_in(site.output).args[0].args[6:8], site.quantized[2]) \
-                if site.quantized else (None, None, 0)
+            k_scale, v_scale = node_in(site.output).args[0].args[6:8] if site.bits else (None, None)
             node = graph.call_function(OP, (q, k, v, node_in(site.past_key), node_in(site.past_value),
                                             shared.bias, shared.seqlens_k, shared.total, shared.query_lengths,
-                                            positions, cos, sin, k_scale, v_scale, bits,
+                                            positions, cos, sin, k_scale, v_scale, site.bits,
                                             q_heads, k_heads, site.scale, bool(rotary and rotary.tables.interleaved)))
             node.meta["skim"] = "kernel-selection"
             attended, key, value = (graph.call_function(operator.getitem, (node, i)) for i in range(3))
         _replace_output(graph, node_in(site.output), attended, q_heads)
         for old, new in ((site.key, key), (site.value, value)):
-            if site.quantized:
+            if site.bits:
                 node_in(old).replace_all_uses_with(new)
             else:
                 out.replace_input_with(node_in(old), new)
@@ -175,11 +174,10 @@ def _sites(module: fx.GraphModule) -> list[_Site]:
                    c.layer.attention.node, c.layer.key, c.layer.value) for c in found]
     for node in module.graph.nodes:
         if node.target is QUANTIZED_OP:
-            q, k, v, past_key, past_value, bias, k_scale, v_scale, bits, scale = node.args
+            q, k, v, past_key, past_value, bias, _, _, bits, scale = node.args
             parts = {user.args[1]: user for user in node.users if op_name(user) == "getitem"}
             if len(parts) == 3:
-                sites.append(_Site(q, k, v, past_key, past_value, bias, scale, parts[0], parts[1], parts[2],
-                                   (k_scale, v_scale, bits)))
+                sites.append(_Site(q, k, v, past_key, past_value, bias, scale, parts[0], parts[1], parts[2], bits))
     return sites
 
 
@@ -224,7 +222,7 @@ def _replace_output(graph: fx.Graph, site: fx.Node, attended: fx.Node, heads: in
     rank 3) the op's output replaces that whole chain; otherwise it is split into heads again."""
     node = site
     while len(node.users) == 1 and (node is site or (op_name(node) in ("view", "reshape", "_unsafe_view")
-                                                     and _keeps_shape(node))):
+                                                     and same_shape(shape(node), shape(node.args[0])))):
         node = next(iter(node.users))
     if op_name(node) == "transpose" and sorted(node.args[1:]) == [1, 2] and len(node.users) == 1:
         merged = next(iter(node.users))
@@ -239,12 +237,6 @@ def _replace_output(graph: fx.Graph, site: fx.Node, attended: fx.Node, heads: in
         with graph.inserting_after(split):
             back = graph.call_function(aten.transpose.int, (split, 1, 2))
     site.replace_all_uses_with(back)
-
-
-def _keeps_shape(node: fx.Node) -> bool:
-    from skimformer.ir.sizes import same_shape
-
-    return same_shape(shape(node), shape(node.args[0]))
 
 
 @dataclass
