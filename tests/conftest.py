@@ -101,6 +101,25 @@ def tiny_decoder(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_decoder, tmp_path_factory):
+    """`tiny_engine(passes=None, **backend_options)` -> the tiny Llama's ONNX Runtime engine,
+    built once per session for each pipeline and options: a decoder build takes 10-20 s, and many
+    tests read the same engine (they only read it: its folder and runners are shared)."""
+    from skimformer import optimize
+
+    cache, root = {}, tmp_path_factory.mktemp("engines")
+
+    def get(passes: str | None = None, **options):
+        key = (passes, tuple(sorted(options.items())))
+        if key not in cache:
+            cache[key] = optimize(tiny_decoder, passes, output=root / f"engine-{len(cache)}",
+                                  backend_options=options or None)
+        return cache[key]
+
+    return get
+
+
 class AttentionOnly(torch.nn.Module):
     """Two bare attention layers with no FFN, on `[B, n, 16]`; `residual=False` replaces the
     stream with attention's output instead of adding to it. Structures passes must refuse."""

@@ -70,10 +70,10 @@ def test_measure_times_a_decoder_as_it_is_used(tiny_decoder, tmp_path):
     assert "decode speed" in (tmp_path / "eng" / "report.md").read_text()
 
 
-def test_decoder_engine_generates_like_torch(tiny_decoder, tmp_path):
-    engine = optimize(tiny_decoder, output=tmp_path / "eng")
+def test_decoder_engine_generates_like_torch(tiny_decoder, tiny_engine):
+    engine = tiny_engine()
     assert sorted(engine.roles) == ["decode", "prefill"]
-    report = json.loads((tmp_path / "eng" / "report.json").read_text())
+    report = json.loads((engine.folder / "report.json").read_text())
     assert report["parity"]["ok"] and report["memory"]["kv_cache_bytes"] > 0
     model = load(tiny_decoder)
     prompt = torch.randint(3, 200, (1, 6))
@@ -88,8 +88,8 @@ def test_decoder_engine_generates_like_torch(tiny_decoder, tmp_path):
     assert got.tolist() == ids[:, 6:].tolist()
 
 
-def test_left_padded_batch_generates_like_single_rows(tiny_decoder, tmp_path):
-    engine = optimize(tiny_decoder, output=tmp_path / "eng")
+def test_left_padded_batch_generates_like_single_rows(tiny_engine):
+    engine = tiny_engine()
     short, long = [5, 9, 14], [7, 3, 11, 20, 4, 8]
     ids = np.array([[0] * 3 + short, long])
     mask = np.array([[0] * 3 + [1] * 3, [1] * 6])

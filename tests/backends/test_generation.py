@@ -4,16 +4,16 @@ import json
 import numpy as np
 import pytest
 
-from skimformer import UserError, optimize
+from skimformer import UserError
 from skimformer.backends.generation import Sampling
 from skimformer.cli.main import main
 
 PROMPT = [5, 9, 14, 7, 3]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_decoder, tmp_path_factory):
-    return optimize(tiny_decoder, output=tmp_path_factory.mktemp("generation") / "engine")
+@pytest.fixture
+def engine(tiny_engine):
+    return tiny_engine()
 
 
 def test_top_k_of_one_is_greedy_and_a_seed_repeats_a_sample(engine):

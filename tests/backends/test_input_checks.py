@@ -59,9 +59,9 @@ def test_skimformer_run_refuses_bad_inputs_with_one_line(tome_engine, tmp_path, 
     assert err.count("\n") == 1 and "needs at least 10" in err and "bug" not in err
 
 
-@pytest.fixture(scope="module")
-def decoder_engine(tiny_decoder, tmp_path_factory):
-    return optimize(tiny_decoder, output=tmp_path_factory.mktemp("checked") / "engine")
+@pytest.fixture
+def decoder_engine(tiny_engine):
+    return tiny_engine()
 
 
 def test_a_decode_mask_must_cover_the_past_and_the_new_tokens(decoder_engine):

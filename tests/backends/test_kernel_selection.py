@@ -18,14 +18,14 @@ def op_counts(path) -> Counter:
     return Counter(f"{n.domain}:{n.op_type}" if n.domain else n.op_type for n in graph.node)
 
 
-@pytest.fixture(scope="module")
-def fused(tiny_decoder, tmp_path_factory):
-    return optimize(tiny_decoder, output=tmp_path_factory.mktemp("fused") / "eng")
+@pytest.fixture
+def fused(tiny_engine):
+    return tiny_engine()
 
 
-@pytest.fixture(scope="module")
-def portable(tiny_decoder, tmp_path_factory):
-    return optimize(tiny_decoder, output=tmp_path_factory.mktemp("portable") / "eng", backend_options={"portable": True})
+@pytest.fixture
+def portable(tiny_engine):
+    return tiny_engine(portable=True)
 
 
 def padded_prompt(rows=3, length=9, pad=(0, 4, 2)):
@@ -158,11 +158,11 @@ def test_the_report_says_which_execution_provider_ran(fused):
     ("kv-evict(policy=snapkv, keep=0.5, window=4)", {"decode"}),
     ("self-speculate(exit=1, draft=2)", {"prefill", "decode", "draft", "verify"}),
 ])
-def test_passes_whose_decode_cache_grows_plainly_decode_fused(tiny_decoder, tmp_path, spec, fused_roles):
+def test_passes_whose_decode_cache_grows_plainly_decode_fused(tiny_engine, spec, fused_roles):
     """Prompt pruning and prefill-time eviction leave a plain growing cache to decode on, and a
     self-speculative engine's draft and verify programs each grow their layers' caches: all of
     them run GroupQueryAttention, and the engine still generates what its programs do."""
-    engine = optimize(tiny_decoder, spec, output=tmp_path / "eng")
+    engine = tiny_engine(spec)
     for role in fused_roles:
         assert op_counts(engine.folder / f"{role}.onnx")["com.microsoft:GroupQueryAttention"] >= 1, role
     ids, mask = padded_prompt(rows=1, pad=(0,))

@@ -1,7 +1,6 @@
 """kv-quant: KIVI quantization of a causal LM's KV cache (skim::kv_quantize, kv_append, quant_attention)."""
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from skimformer import UserError, load, optimize
+from skimformer import UserError, load
 from skimformer.backends.generation import Sampling, generate
 from skimformer.backends.speculation import speculate
 from skimformer.passes import PassManager, pipeline_from
@@ -66,8 +66,8 @@ def test_speculative_decoding_equals_greedy_decoding(split, draft):
                                   generate(torch_runner(model), PROMPT, 24, MASK, eos).ids)
 
 
-def test_engine_decodes_speculatively_and_losslessly(tiny_decoder, tmp_path):
-    engine = optimize(tiny_decoder, "self-speculate(exit=1, draft=2)", output=tmp_path / "spec")
+def test_engine_decodes_speculatively_and_losslessly(tiny_engine):
+    engine = tiny_engine("self-speculate(exit=1, draft=2)")
     assert set(engine.roles) == {"prefill", "decode", "draft", "verify"}
     result = engine.generate_with_stats(PROMPT, 16, attention_mask=MASK)
     assert result.extra["draft"] == 2
