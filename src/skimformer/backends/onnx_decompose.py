@@ -78,7 +78,7 @@ def _traced_decomposition(node: fx.Node, table: dict) -> fx.GraphModule:
 
     fakes = [flat[i].meta["val"] for i in operands]
     with detect_fake_mode(fakes):
-        return make_fx(decomposed, decomposition_table=table, tracing_mode="real")(*fakes)
+        return make_fx(decomposed, decomposition_table=table, tracing_mode="real", pre_dispatch=True)(*fakes)
 
 
 def _inline(graph: fx.Graph, node: fx.Node, sub: fx.GraphModule) -> None:
