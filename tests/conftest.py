@@ -102,6 +102,20 @@ def tiny_decoder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def one_layer_decoder(tmp_path_factory):
+    """The tiny Llama cut to its first layer, exported as a decoder folder: for the compiling
+    backends (AOTInductor, IREE), whose build time grows with the layers and whose checks do not."""
+    from skimformer.zoo import build_model, export_model
+
+    model = build_model("llama")
+    model.model.layers = model.model.layers[:1]
+    model.config.num_hidden_layers = 1
+    out = tmp_path_factory.mktemp("decoder") / "llama-1"
+    export_model(model, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_engine(tiny_decoder, tmp_path_factory):
     """`tiny_engine(passes=None, **backend_options)` -> the tiny Llama's ONNX Runtime engine,
     built once per session for each pipeline and options: a decoder build takes 10-20 s, and many

@@ -42,9 +42,9 @@ def pruned_encoder(exported, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def quantized_decoder(tiny_decoder, tmp_path_factory):
+def quantized_decoder(one_layer_decoder, tmp_path_factory):
     out = tmp_path_factory.mktemp("aoti") / "llama"
-    return optimize(tiny_decoder, passes=KV_QUANT, backend="aotinductor", output=out)
+    return optimize(one_layer_decoder, passes=KV_QUANT, backend="aotinductor", output=out)
 
 
 def test_require_refuses_without_a_cpp_compiler():

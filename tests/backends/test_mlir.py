@@ -120,10 +120,10 @@ def test_an_exit_lowers_to_a_branch_that_runs_either_way(tiny_decoder, tmp_path)
 
 @toolchain
 @pytest.mark.slow
-def test_kv_evict_generates_like_its_programs(tiny_decoder, tmp_path):
+def test_kv_evict_generates_like_its_programs(one_layer_decoder, tmp_path):
     """Sort-free selection (IREE miscompiles one sort per layer): H2O evicts at every step past 6 tokens."""
     out = tmp_path / "eng"
-    engine = optimize(tiny_decoder, "kv-evict(policy=h2o, budget=6)", backend="mlir", output=out)
+    engine = optimize(one_layer_decoder, "kv-evict(policy=h2o, budget=6)", backend="mlir", output=out)
     assert json.loads((out / "report.json").read_text())["parity"]["ok"]
     assert "sort" not in (out / "prefill.mlir").read_text()
     _assert_generates_like_its_programs(engine, out)
@@ -156,10 +156,10 @@ def test_encoder_with_a_token_pass_matches_its_program_at_other_shapes(exported,
 
 @toolchain
 @pytest.mark.slow
-def test_decoder_with_a_kv_pass_generates_like_its_programs(tiny_decoder, tmp_path):
+def test_decoder_with_a_kv_pass_generates_like_its_programs(one_layer_decoder, tmp_path):
     """The torch dialect; the cache is quantized from the prompt on and grows every step."""
     out = tmp_path / "eng"
-    engine = optimize(tiny_decoder, "kv-quant(bits=4, group=4, residual=4)", backend="mlir", output=out,
+    engine = optimize(one_layer_decoder, "kv-quant(bits=4, group=4, residual=4)", backend="mlir", output=out,
                       backend_options={"dialect": "torch"})
     assert sorted(engine.roles) == ["decode", "prefill"]
     assert "torch.aten" in (out / "decode.mlir").read_text()

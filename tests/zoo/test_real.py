@@ -57,9 +57,9 @@ def test_efficientnet_has_nothing_to_rewrite(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_smollm2_real_weights_and_decoder_export(tmp_path):
-    """Dequantized on first use (~35 s, then cached). The export keeps the first 2 of its 30
-    layers: the layers are alike, and the whole model's export takes a minute (the benchmarks
-    export all of it)."""
+    """Dequantized by `make setup` (or on first use: ~35 s, then cached). The export keeps the
+    first 2 of its 30 layers: the layers are alike, and the whole model's export takes a minute
+    (the benchmarks export all of it)."""
     model, tokenizer = _require(real.smollm2)
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
