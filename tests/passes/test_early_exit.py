@@ -94,6 +94,66 @@ def test_encoder_classifier_exit_equals_the_truncated_model(tmp_path):
     assert len(outer) == len(inner) == 1  # the second exit nests in the first one's full branch
 
 
+class _Capture(torch.fx.Interpreter):
+    """Runs a graph and keeps the value of one node."""
+
+    def __init__(self, module, name):
+        super().__init__(module)
+        self.name, self.value = name, None
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.name == self.name:
+            self.value = out
+        return out
+
+
+def test_an_exit_after_tome_applies_the_head_to_the_merged_stream(tmp_path):
+    """ToMe merges inside each block (after attention), so block 0 leaves with fewer tokens than
+    it took and block 1 takes fewer again: the exit's hidden state is block 0's merged output,
+    and the classifier reads its CLS token. A program that also returns the restored
+    last_hidden_state cannot exit there (its merges are made in the skipped blocks)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from skimformer.ir.structure import analyze
+    from skimformer.zoo.hf_export import export_model
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=128, num_labels=5)
+    hf = ViTForImageClassification._from_config(config, attn_implementation="sdpa").eval()
+    export_model(hf, tmp_path / "vit")
+    _, tomed, _ = _exits(tmp_path / "vit" / "model.pt2", "tome(r=2)")
+    blocks = analyze(tomed.programs["model"]).blocks
+    tokens = [(b.input.meta["val"].shape[1], b.output.meta["val"].shape[1]) for b in blocks]
+    assert tokens == [(17, 15), (15, 13)]
+    spec = "tome(r=2); early-exit(at=[0], threshold=0.0)"
+    new = PassManager(pipeline_from(spec)).run(load(tmp_path / "vit" / "model.pt2"))[0]
+    program = new.programs["model"]
+    out = program.run(program.example_inputs)
+    assert int(out["exit_layer"]) == 1
+    capture = _Capture(tomed.programs["model"].ep.module(), blocks[0].output.name)
+    with torch.no_grad():
+        capture.run(*program.example_inputs.values())
+        want = hf.classifier(hf.vit.layernorm(capture.value)[:, 0])
+    torch.testing.assert_close(out["logits"], want, atol=1e-5, rtol=1e-5)
+
+    class BothOutputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hf = hf
+
+        def forward(self, pixel_values):
+            hidden = self.hf.vit(pixel_values=pixel_values).last_hidden_state
+            return {"logits": self.hf.classifier(hidden[:, 0]), "last_hidden_state": hidden}
+
+    pixels = program.example_inputs["pixel_values"]
+    both = torch.export.export(BothOutputs(), (pixels,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+    torch.export.save(both, tmp_path / "both.pt2")
+    with pytest.raises(UserError, match="can give only the logits, and the program also returns last_hidden_state"):
+        PassManager(pipeline_from(spec)).run(load(tmp_path / "both.pt2"))
+
+
 def test_engine_runs_the_exit_as_onnx_if_and_reports_depth(tiny_decoder, tmp_path, capsys):
     engine = optimize(tiny_decoder, "early-exit(at=[0], threshold=0.0)", output=tmp_path / "exits")
     graph = onnx.load(str(tmp_path / "exits" / "decode.onnx")).graph

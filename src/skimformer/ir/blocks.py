@@ -17,7 +17,7 @@ import torch.fx as fx
 from skimformer.errors import UserError
 from skimformer.ir.attention import AttentionSite, find_attention
 from skimformer.ir.graph import module_stack, op_name, shape, tensor_value, to_networkx
-from skimformer.ir.sizes import same_shape
+from skimformer.ir.sizes import same_shape, same_shape_but
 from skimformer.ir.token_axis import Axis, propagate
 
 
@@ -109,7 +109,10 @@ def _residual_ends(block: Block, params: set[str]) -> None:
         return
     block.input = max(candidates, key=lambda n: (tensor_value(n).dim(), -len(n.users)))
     block.input_axis = reached[block.input]
-    same = [n for n in block.nodes if same_shape(shape(n), shape(block.input)) and any(u not in members for u in n.users)]
+    # the stream leaves with the shape it came in with, but for its token count: a token pass
+    # (tome, prune) may reduce the tokens between a block's attention and its MLP
+    same = [n for n in block.nodes if same_shape_but(shape(n), shape(block.input), block.input_axis.dim)
+            and any(u not in members for u in n.users)]
     block.output = same[-1] if same else None
 
 

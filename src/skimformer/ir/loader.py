@@ -91,13 +91,37 @@ def _weights_only():
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old_env
 
 
+@contextlib.contextmanager
+def _schema_hints_cached():
+    """torch's reader asks `typing.get_type_hints` for a schema dataclass's field types at every
+    node, argument and size it reads (thousands of times for a small program, a third of its
+    reading time); a class's hints do not change, so they are looked up once per class."""
+    import typing
+
+    original, cache = typing.get_type_hints, {}
+
+    def hints(obj, globalns=None, localns=None, include_extras=False):
+        if not isinstance(obj, type) or globalns is None or localns is not None or include_extras:
+            return original(obj, globalns, localns, include_extras)
+        key = (obj, id(globalns))
+        if key not in cache:
+            cache[key] = original(obj, globalns)
+        return dict(cache[key])
+
+    typing.get_type_hints = hints
+    try:
+        yield
+    finally:
+        typing.get_type_hints = original
+
+
 def load_program(path: str | Path, role: str = "model") -> Program:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder: give a .pt2 file, or a decoder folder with {' and '.join(DECODER_FILES)}")
     check_archive(path)
     try:
-        with _weights_only(), reading_specs(path):
+        with _weights_only(), reading_specs(path), _schema_hints_cached():
             ep = torch.export.load(str(path))
     except UserError:
         raise

@@ -38,6 +38,14 @@ def same_shape(a: Iterable | None, b: Iterable | None) -> bool:
     return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
 
 
+def same_shape_but(a: Iterable | None, b: Iterable | None, dim: int) -> bool:
+    """Whether two shapes have the same rank and sizes, except perhaps along `dim`."""
+    if a is None or b is None:
+        return False
+    a, b = tuple(a), tuple(b)
+    return len(a) == len(b) and all(same_size(x, y) for i, (x, y) in enumerate(zip(a, b)) if i != dim)
+
+
 def divides(a, b) -> bool:
     """True when b / a is a whole number (or a polynomial in the size symbols)."""
     q = sympy.cancel(to_expr(b) / to_expr(a))

@@ -32,8 +32,10 @@ from skimformer.ir import Model, Program
 from skimformer.ir.blocks import blocks_to_rewrite
 from skimformer.ir.exit_heads import ExitHeads
 from skimformer.ir.exits import ExitPoint, adapter_input, insert_exits
+from skimformer.ir.graph import shape
 from skimformer.ir.rewrite import eliminate_dead_code, reexport
 from skimformer.ir.signature import named_outputs, set_outputs
+from skimformer.ir.sizes import same_shape
 from skimformer.passes.base import Exercise, ModelResult, Pass
 from skimformer.passes.registry import register
 
@@ -107,6 +109,24 @@ def confident(logits: torch.Tensor, criterion: str, threshold: float) -> torch.T
     return (confidence(logits, criterion) > threshold).all()
 
 
+def _skipped(blocks: list, at: int, outputs: dict[str, fx.Node]) -> list[fx.Node]:
+    """What an exit after block `at` reads as its hidden state: the last block's output, and the
+    later blocks' inputs (CALM's state propagation into a decoder's cache). Where a token pass
+    (tome, prune) left later blocks fewer tokens than the exit's hidden state has, only the head
+    can be applied to it: the program's other outputs (a restored `last_hidden_state`) are
+    rebuilt from merges made in the blocks the exit skips, so such a program is refused."""
+    hidden = shape(blocks[at].output)
+    later = [b.input for b in blocks[at + 1:]] + [blocks[-1].output]
+    if all(same_shape(shape(node), hidden) for node in later):
+        return later
+    others = [name for name in outputs if name != "logits"]
+    if others:
+        raise UserError(f"{NAME}: a token pass changes the token count after block {at}, so an exit there can give "
+                        f"only the logits, and the program also returns {', '.join(others)}: export the model with "
+                        f"the logits as its only output, or drop the token pass")
+    return [blocks[-1].output]
+
+
 def add_exits(program: Program, plan: ExitPlan) -> Program:
     """`program` with conditional exits after the blocks in `plan.at` and an `exit_layer` output."""
     module = program.ep.module()
@@ -124,7 +144,7 @@ def add_exits(program: Program, plan: ExitPlan) -> Program:
     if "logits" not in outputs:
         raise UserError(f"{NAME} needs the model's head: the program returns no `logits` "
                         f"(it returns {', '.join(outputs)}); export the model with its LM head or classifier")
-    points = [ExitPoint(a + 1, blocks[a].output, [b.input for b in blocks[a + 1:]] + [blocks[-1].output],
+    points = [ExitPoint(a + 1, blocks[a].output, _skipped(blocks, a, outputs),
                         adapter_input(module, f"exit_adapter_{a}", *plan.heads.adapters[a], blocks[a].output)
                         if plan.heads else None)
               for a in plan.at]
