@@ -34,7 +34,8 @@ demo: $(STAMP)
 # Two pytest workers, one thread each: most of the suite is single-threaded export and compilation,
 # so two processes use both cores where one with two threads left one idle (about 7.5 against 14 min).
 # Work stealing: tests of a minute or more would otherwise leave one worker idle at the end.
-PYTEST := OMP_NUM_THREADS=1 $(BIN)/pytest -q -ra -n 2 --dist worksteal
+# The 15 slowest tests are listed: the run must stay under 15 minutes on CI's 2 cores.
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/pytest -q -ra -n 2 --dist worksteal --durations=15
 
 test: $(STAMP)
 	$(PYTEST) tests

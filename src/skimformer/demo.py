@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from skimformer.cli.main import libraries_quiet
 from skimformer.zoo import export_zoo, real
 
 BATCH, TOKENS, ROWS = 8, 256, 16
@@ -47,12 +48,14 @@ def main(folder: str = "demo") -> None:
     root.mkdir(parents=True)
     print(f"exporting all-MiniLM-L6-v2 (real weights) at batch {BATCH}, {TOKENS} tokens; "
           f"{ROWS} unseen text passages for fidelity")
-    real.export_minilm(root / "minilm", batch=BATCH, seq_len=TOKENS)
-    write_sentences(root / "sentences.npz")
+    with libraries_quiet(verbose=False):  # as the commands below keep them: transformers' warnings and progress bars
+        real.export_minilm(root / "minilm", batch=BATCH, seq_len=TOKENS)
+        write_sentences(root / "sentences.npz")
     _cli("optimize", root / "minilm" / "model.pt2", "-o", root / "minilm-engine", "--passes", MINILM_PASSES,
          "--measure", "--data", root / "sentences.npz")
     print("\nthe decoder workflow, on a tiny random Llama (prefill + decode programs):")
-    export_zoo("llama", root / "llama", size="tiny")
+    with libraries_quiet(verbose=False):
+        export_zoo("llama", root / "llama", size="tiny")
     _cli("optimize", root / "llama", "-o", root / "llama-engine", "--passes", "prompt-prune(layer=0, keep=0.5)")
     _cli("skimformer", "generate", root / "llama-engine", "--prompt-ids", "5,17,42,99,7,3", "--max-new-tokens", "8")
     print(f"\nengines and reports are in {root}/minilm-engine and {root}/llama-engine (report.md, report.json); "

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _libraries_quiet(verbose: bool):
+def libraries_quiet(verbose: bool):
     """Keep the libraries' warnings (torch's deprecations, transformers' FutureWarnings), logs and
     progress bars off the terminal for the block, unless `verbose`: skimformer reports what matters
     itself (Progress), and the rest buries it. Everything is restored after the block."""
@@ -169,7 +169,7 @@ def _dispatch(argv: list[str], parser: argparse.ArgumentParser) -> int:
     except SystemExit as e:  # --help, --version, usage errors: argparse already printed its line
         return int(e.code or 0)
     try:
-        with _libraries_quiet(args.verbose):
+        with libraries_quiet(args.verbose):
             return args.func(args)
     except UserError as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
