@@ -150,7 +150,7 @@ def test_an_exit_after_tome_applies_the_head_to_the_merged_stream(tmp_path):
     pixels = program.example_inputs["pixel_values"]
     both = torch.export.export(BothOutputs(), (pixels,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
     torch.export.save(both, tmp_path / "both.pt2")
-    with pytest.raises(UserError, match="can give only the logits, and the program also returns last_hidden_state"):
+    with pytest.raises(UserError, match="gives only logits, but the program also returns last_hidden_state: export logits only"):
         PassManager(pipeline_from(spec)).run(load(tmp_path / "both.pt2"))
 
 

@@ -121,9 +121,8 @@ def _skipped(blocks: list, at: int, outputs: dict[str, fx.Node]) -> list[fx.Node
         return later
     others = [name for name in outputs if name != "logits"]
     if others:
-        raise UserError(f"{NAME}: a token pass changes the token count after block {at}, so an exit there can give "
-                        f"only the logits, and the program also returns {', '.join(others)}: export the model with "
-                        f"the logits as its only output, or drop the token pass")
+        raise UserError(f"{NAME}: a token pass changes the token count after block {at}, so an exit there gives only "
+                        f"logits, but the program also returns {', '.join(others)}: export logits only, or drop the token pass")
     return [blocks[-1].output]
 
 
