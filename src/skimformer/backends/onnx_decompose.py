@@ -21,7 +21,8 @@ import copy
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch.export.graph_signature import ExportGraphSignature, OutputSpec, TensorArgument
+
+from skimformer.ir.rewrite import on_graph
 
 aten = torch.ops.aten
 
@@ -114,23 +115,14 @@ def respelled(ep: torch.export.ExportedProgram, decomposed: set, table: dict) ->
                 _inline(module.graph, node, _traced_decomposition(node, table))
             module.graph.lint()
             module.recompile()
-    returned = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
-    outputs = [OutputSpec(kind=s.kind, arg=TensorArgument(name=node.name), target=s.target)
-               if isinstance(s.arg, TensorArgument) else s for s, node in zip(ep.graph_signature.output_specs, returned)]
-    signature = ExportGraphSignature(input_specs=ep.graph_signature.input_specs, output_specs=outputs)
-    return torch.export.ExportedProgram(root=gm, graph=gm.graph, graph_signature=signature,
-                                        state_dict=ep.state_dict, range_constraints=ep.range_constraints,
-                                        module_call_graph=copy.deepcopy(ep.module_call_graph),
-                                        example_inputs=ep.example_inputs, constants=ep.constants,
-                                        verifiers=ep.verifiers)
+    return on_graph(ep, gm)
 
 
 @contextlib.contextmanager
 def decompose_only_when_needed():
     """Within the block, the exporter's decomposition step returns the program respelled with
     its skim ops decomposed node by node when nothing else needs decomposing, and decomposes any
-    other program as before. A torch whose exporter
-    is laid out differently keeps its own step."""
+    other program as before. A torch whose exporter is laid out differently keeps its own step."""
     try:
         from torch.onnx._internal.exporter import _decomp, _fx_passes
     except ImportError:

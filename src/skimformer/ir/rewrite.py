@@ -7,6 +7,8 @@ every node and a proper graph signature (DESIGN.md). Original nodes keep their
 """
 from __future__ import annotations
 
+import copy
+
 import contextlib
 import inspect
 import operator
@@ -181,3 +183,21 @@ def reexport(program: Program, module: torch.nn.Module, inputs: dict[str, torch.
     _drop_size_assumptions(ep)
     _name_module_types(ep)
     return Program(ep=ep, role=program.role, example_inputs={n: inputs[n] for n in names})
+
+
+def on_graph(ep: torch.export.ExportedProgram, gm: fx.GraphModule, input_specs: list | None = None,
+             constants: dict | None = None) -> torch.export.ExportedProgram:
+    """`ep` with `gm` (an edited copy of its graph module) as its graph, without tracing again: the
+    same weights, `input_specs` (default: `ep`'s) and `constants` added to its own; outputs are
+    named after `gm`'s output node, where an edit replaced a returned node."""
+    from torch.export.graph_signature import ExportGraphSignature, OutputSpec, TensorArgument
+
+    returned = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    outputs = [OutputSpec(kind=s.kind, arg=TensorArgument(name=node.name), target=s.target)
+               if isinstance(s.arg, TensorArgument) else s for s, node in zip(ep.graph_signature.output_specs, returned)]
+    signature = ExportGraphSignature(input_specs=input_specs or ep.graph_signature.input_specs, output_specs=outputs)
+    return torch.export.ExportedProgram(root=gm, graph=gm.graph, graph_signature=signature, state_dict=ep.state_dict,
+                                        range_constraints=ep.range_constraints,
+                                        module_call_graph=copy.deepcopy(ep.module_call_graph),
+                                        example_inputs=ep.example_inputs, constants={**ep.constants, **(constants or {})},
+                                        verifiers=ep.verifiers)

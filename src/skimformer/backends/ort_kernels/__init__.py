@@ -12,11 +12,11 @@ import copy
 
 import torch
 import torch.fx as fx
-from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, OutputSpec, TensorArgument
+from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
 from skimformer.backends.ort_kernels.attention import fuse_cache_attention
 from skimformer.ir import Program
-from skimformer.ir.rewrite import eliminate_dead_code
+from skimformer.ir.rewrite import eliminate_dead_code, on_graph
 
 
 def select_graph_kernels(program: Program) -> Program:
@@ -39,16 +39,7 @@ def select_graph_kernels(program: Program) -> Program:
     gm.recompile()
     added = [InputSpec(kind=InputKind.CONSTANT_TENSOR, arg=TensorArgument(name=name), target=name)
              for name in constants]
-    outputs = [a.name for a in next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]]
-    output_specs = [OutputSpec(kind=s.kind, arg=TensorArgument(name=name), target=s.target)
-                    if isinstance(s.arg, TensorArgument) else s for s, name in zip(ep.graph_signature.output_specs, outputs)]
-    signature = ExportGraphSignature(input_specs=[*specs[:first_user], *added, *specs[first_user:]],
-                                     output_specs=output_specs)
-    lowered = torch.export.ExportedProgram(root=gm, graph=gm.graph, graph_signature=signature,
-                                           state_dict=ep.state_dict, range_constraints=ep.range_constraints,
-                                           module_call_graph=copy.deepcopy(ep.module_call_graph),
-                                           example_inputs=ep.example_inputs, constants={**ep.constants, **constants},
-                                           verifiers=ep.verifiers)
+    lowered = on_graph(ep, gm, [*specs[:first_user], *added, *specs[first_user:]], constants)
     return program.with_ep(lowered)
 
 
