@@ -14,8 +14,8 @@ What a package is tied to: the build machine's instruction set (`-march=native`,
 backend's IREE modules) and the thread count its parallel loops are planned for
 (`torch.get_num_threads()` at build time). Build on the kind of machine that will run the engine.
 
-Compile time (tiny zoo models, 2 cores): 10 to 20 s a program, in inductor's Python lowering (a
-program holding skim ops is traced twice: to decompose them, then by inductor) and in g++ (the
+Compile time (tiny zoo models, 2 cores): 10 to 20 s a program, in inductor's Python lowering (skim
+ops are decomposed node by node first, not by a second trace of the program) and in g++ (the
 wrapper at -O1 with precompiled headers, the kernels at -O3); the first build on a machine also
 probes the CPU's vector ISAs and precompiles headers (cached in inductor's cache folder). Nothing
 cheaper is configured: lower optimization levels would slow the engines, and the settings that
@@ -34,6 +34,7 @@ from torch.utils import _pytree as pytree
 from skimformer.errors import UserError
 from skimformer.backends.quiet import quiet
 from skimformer.ir import Program
+from skimformer.ir.decompose import decomposed_node_by_node
 from skimformer.ir.graph import holds_skim_ops, program_graphs
 from skimformer.kernels import decompositions
 
@@ -86,13 +87,25 @@ def _constructs(program: Program) -> str:
     return f" (it holds {', '.join(sorted(found)) or 'rewritten nodes'}{origin})"
 
 
+def _skim_ops_decomposed(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """Skim ops replaced node by node (`ir.decompose`: AOTInductor traces the whole program
+    itself next, so a whole-program decomposition trace before it is a second one); a node
+    whose decomposition does not trace alone sends the program through `run_decompositions`."""
+    table = decompositions()
+    ops = {n.target for graph in program_graphs(ep) for n in graph.nodes if n.op == "call_function" and n.target in table}
+    try:
+        return decomposed_node_by_node(ep, ops, table)
+    except Exception:  # noqa: BLE001 - any failure to trace one node alone: the whole-program way
+        return ep.run_decompositions(table)
+
+
 def _compilable(program: Program) -> torch.export.ExportedProgram:
     """The program in plain ATen (skim ops replaced by their references, also inside torch.cond
     branches), holding the example inputs AOTInductor traces with: the program's own, also set on
     its ExportedProgram when there is nothing to decompose."""
     ep = program.ep
     if holds_skim_ops(ep):
-        ep = ep.run_decompositions(decompositions())
+        ep = _skim_ops_decomposed(ep)
     flat = [program.example_inputs[name] for name in program.input_names]
     ep.example_inputs = pytree.tree_unflatten(flat, ep.call_spec.in_spec)
     return ep

@@ -24,7 +24,7 @@ from skimformer.ir.attention import find_attention
 from skimformer.ir.blocks import find_blocks
 from skimformer.ir.graph import shape
 from skimformer.ir.program import Program
-from skimformer.ir.rewrite import reexport
+from skimformer.ir.rewrite import reexport, refresh_shapes
 from skimformer.ir.shrink import Reduction, shrink_tokens
 from skimformer.passes.base import Exercise, Pass, PassResult, fewest_dropped
 from skimformer.passes.registry import register
@@ -77,8 +77,7 @@ def _reduction(site, config: PruneConfig, dim: int):
     return reduce
 
 
-def _prune_after(program: Program, layer: int, config: PruneConfig) -> Program:
-    module = program.ep.module()
+def _prune_after(module: fx.GraphModule, layer: int, config: PruneConfig) -> None:
     graph = module.graph
     blocks = find_blocks(graph, find_attention(graph), set())
     if layer >= len(blocks):
@@ -90,7 +89,16 @@ def _prune_after(program: Program, layer: int, config: PruneConfig) -> Program:
     token_axis = type(axis)(axis.dim, shape(block.output)[axis.dim])
     shrink_tokens(graph, block.output, token_axis, _reduction(block.attention[0], config, axis.dim))
     graph.eliminate_dead_code()
-    return reexport(program, module)
+    refresh_shapes(module, start=block.output)  # the next point's blocks are found on the shorter stream
+
+
+def prune_tokens(program: Program, config: PruneConfig) -> tuple[Program, int]:
+    """Prune after every layer of `at` on one graph; one re-export at the end (each costs seconds)."""
+    module = program.ep.module()
+    layers = sorted(set(config.at))
+    for layer in layers:
+        _prune_after(module, layer, config)
+    return reexport(program, module), len(layers)
 
 
 @register
@@ -108,9 +116,4 @@ class Prune(Pass):
         return Exercise(tokens=fewest_dropped(config.keep, config.protect, extra=int(config.fuse)))
 
     def apply(self, program: Program, config: PruneConfig) -> PassResult:
-        def rewrite(current: Program) -> tuple[Program, int]:
-            for layer in sorted(set(config.at)):
-                current = _prune_after(current, layer, config)
-            return current, len(set(config.at))
-
-        return reduce_tokens(program, rewrite)
+        return reduce_tokens(program, lambda current: prune_tokens(current, config))

@@ -1,0 +1,78 @@
+"""Decompose chosen ops of a program one node at a time, instead of tracing the whole program again.
+
+`ExportedProgram.run_decompositions` retraces every node with fake tensors, seconds on a small
+program, when only the few nodes a pass inserted (skim ops) need replacing. Here each such node's
+decomposition is traced alone, on the node's own fake inputs and symbolic sizes, and its nodes are
+put in its place, on a copy of the graph (cond branches included); the weights and the signature
+are the program's. Backends that lower through a whole-program trace of their own (the ONNX
+exporter, AOTInductor) call it before that trace.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from skimformer.ir.rewrite import on_graph
+
+
+def _traced_decomposition(node: fx.Node, table: dict) -> fx.GraphModule:
+    """`table[node.target]` traced on the node's own fake inputs (its tensor and size operands
+    become the placeholders, in argument order), decomposed further by `table`."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    flat, spec = pytree.tree_flatten((node.args, node.kwargs))
+    operands = [i for i, a in enumerate(flat) if isinstance(a, fx.Node)]
+
+    def decomposed(*values):
+        args = list(flat)
+        for i, value in zip(operands, values):
+            args[i] = value
+        call_args, call_kwargs = pytree.tree_unflatten(args, spec)
+        return table[node.target](*call_args, **call_kwargs)
+
+    fakes = [flat[i].meta["val"] for i in operands]
+    with detect_fake_mode(fakes):
+        return make_fx(decomposed, decomposition_table=table, tracing_mode="real", pre_dispatch=True)(*fakes)
+
+
+def _inline(graph: fx.Graph, node: fx.Node, sub: fx.GraphModule) -> None:
+    """Put `sub`'s nodes in place of `node`, which it computes from `node`'s operands."""
+    operands = iter(a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, fx.Node))
+    env = {}
+    with graph.inserting_before(node):
+        for inner in sub.graph.nodes:
+            if inner.op == "placeholder":
+                env[inner] = next(operands)
+            elif inner.op == "output":
+                result = pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, inner.args[0])
+            else:
+                env[inner] = graph.node_copy(inner, lambda a: env[a])
+    if isinstance(result, (tuple, list)):
+        for user in list(node.users):  # multi-output ops are read through getitem
+            user.replace_all_uses_with(result[user.args[1]])
+            graph.erase_node(user)
+    else:
+        node.replace_all_uses_with(result)
+    graph.erase_node(node)
+
+
+def decomposed_node_by_node(ep: torch.export.ExportedProgram, ops: set, table: dict,
+                            edit: Callable[[fx.Graph], None] | None = None) -> torch.export.ExportedProgram:
+    """`ep` on a copy of its graph with every node calling one of `ops` replaced by its traced
+    decomposition from `table` (after `edit`, when given, has changed each graph in place); the
+    outputs are renamed where a replaced node was one. Raises what tracing a node raises."""
+    gm = copy.deepcopy(ep.graph_module)  # graphs and branch modules; weights are inputs, not attributes
+    for module in gm.modules():
+        if isinstance(module, fx.GraphModule):
+            if edit is not None:
+                edit(module.graph)
+            for node in [n for n in module.graph.nodes if n.op == "call_function" and n.target in ops]:
+                _inline(module.graph, node, _traced_decomposition(node, table))
+            module.graph.lint()
+            module.recompile()
+    return on_graph(ep, gm)
