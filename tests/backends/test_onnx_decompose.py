@@ -22,6 +22,15 @@ class Gathers(torch.nn.Module):
         return {"y": y, "inner": kept.to(torch.float32), "total": y.sum(-1) * x.shape[1]}
 
 
+class Quantizes(torch.nn.Module):
+    """KIVI's split of a cache into codes and a tail, whose decomposition casts (`to`): the
+    exporter would decompose those casts were they not respelled after inlining."""
+
+    def forward(self, cache):
+        codes, scale, zero, tail = torch.ops.skim.kv_quantize(cache, 8, 4, 4, 0)
+        return {"codes": codes, "scale": scale, "tail": tail}
+
+
 class Diagonal(torch.nn.Module):
     """`torch.diag`, which the exporter decomposes itself."""
 
@@ -60,6 +69,18 @@ def test_skim_ops_decomposed_node_by_node_match_the_program_at_other_sizes(whole
     want = program.run({"x": x, "idx": idx})
     got = runner.run({"x": x.numpy(), "idx": idx.numpy()})
     assert set(got) == {"y", "inner", "total"}
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value.numpy(), atol=1e-5, err_msg=name)
+
+
+def test_casts_inside_a_decomposition_are_respelled_too(whole_program_decompositions, tmp_path):
+    program = Program(torch.export.export(Quantizes(), (torch.randn(2, 3, 13, 8),), dynamic_shapes=({2: DYN},)))
+    lower(program, tmp_path / "model.onnx", portable=True)
+    assert whole_program_decompositions == []
+    cache = torch.randn(2, 3, 22, 8)
+    want = program.run({"cache": cache})
+    got = Runner(tmp_path / "model.onnx", threads=1).run({"cache": cache.numpy()})
+    assert got["codes"].shape == (2, 3, 16, 8) and got["tail"].shape == (2, 3, 6, 8)
     for name, value in want.items():
         np.testing.assert_allclose(got[name], value.numpy(), atol=1e-5, err_msg=name)
 

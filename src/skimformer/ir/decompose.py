@@ -10,6 +10,7 @@ exporter, AOTInductor) call it before that trace.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Callable
 
 import torch
@@ -40,18 +41,41 @@ def _traced_decomposition(node: fx.Node, table: dict) -> fx.GraphModule:
         return make_fx(decomposed, decomposition_table=table, tracing_mode="real", pre_dispatch=True)(*fakes)
 
 
+def _signature(node: fx.Node) -> str:
+    """What a node's decomposition depends on: its op, its constant arguments, and the shapes
+    and dtypes of its operands, with their size symbols numbered by first appearance. Every
+    layer's cache op in a decoder has the same one (on sizes of its own), so one trace serves
+    them all: each trace takes about a second on a 30-layer model's symbolic sizes."""
+    def spelled(a):
+        if isinstance(a, fx.Node):
+            val = a.meta["val"]
+            return f"T{tuple(val.shape)}{val.dtype}" if isinstance(val, torch.Tensor) else f"S{val}"
+        return repr(a)
+
+    text = f"{node.target}" + repr(pytree.tree_map(spelled, (node.args, node.kwargs)))
+    numbers: dict[str, str] = {}
+    return re.sub(r"\b[su]\d+\b", lambda m: numbers.setdefault(m.group(), f"#{len(numbers)}"), text)
+
+
 def _inline(graph: fx.Graph, node: fx.Node, sub: fx.GraphModule) -> None:
-    """Put `sub`'s nodes in place of `node`, which it computes from `node`'s operands."""
-    operands = iter(a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, fx.Node))
-    env = {}
-    with graph.inserting_before(node):
+    """Put `sub`'s nodes in place of `node`, which it computes from `node`'s operands; their
+    fake values are computed again from those operands (`sub` may have been traced on another
+    node's sizes)."""
+    from torch._guards import detect_fake_mode
+
+    operands = [a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, fx.Node)]
+    remaining, env = iter(operands), {}
+    val = lambda a: a.meta["val"]  # noqa: E731
+    with graph.inserting_before(node), detect_fake_mode([val(a) for a in operands]):
         for inner in sub.graph.nodes:
             if inner.op == "placeholder":
-                env[inner] = next(operands)
+                env[inner] = next(remaining)
             elif inner.op == "output":
                 result = pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, inner.args[0])
             else:
-                env[inner] = graph.node_copy(inner, lambda a: env[a])
+                copied = env[inner] = graph.node_copy(inner, lambda a: env[a])
+                copied.meta = dict(copied.meta)
+                copied.meta["val"] = copied.target(*fx.map_arg(copied.args, val), **fx.map_arg(copied.kwargs, val))
     if isinstance(result, (tuple, list)):
         for user in list(node.users):  # multi-output ops are read through getitem
             user.replace_all_uses_with(result[user.args[1]])
@@ -64,15 +88,19 @@ def _inline(graph: fx.Graph, node: fx.Node, sub: fx.GraphModule) -> None:
 def decomposed_node_by_node(ep: torch.export.ExportedProgram, ops: set, table: dict,
                             edit: Callable[[fx.Graph], None] | None = None) -> torch.export.ExportedProgram:
     """`ep` on a copy of its graph with every node calling one of `ops` replaced by its traced
-    decomposition from `table` (after `edit`, when given, has changed each graph in place); the
-    outputs are renamed where a replaced node was one. Raises what tracing a node raises."""
+    decomposition from `table`, then changed in place by `edit` when given (the inlined nodes
+    too); the outputs are renamed where a replaced node was one. Raises what tracing a node raises."""
     gm = copy.deepcopy(ep.graph_module)  # graphs and branch modules; weights are inputs, not attributes
+    traced: dict[str, fx.GraphModule] = {}
     for module in gm.modules():
         if isinstance(module, fx.GraphModule):
+            for node in [n for n in module.graph.nodes if n.op == "call_function" and n.target in ops]:
+                key = _signature(node)
+                if key not in traced:
+                    traced[key] = _traced_decomposition(node, table)
+                _inline(module.graph, node, traced[key])
             if edit is not None:
                 edit(module.graph)
-            for node in [n for n in module.graph.nodes if n.op == "call_function" and n.target in ops]:
-                _inline(module.graph, node, _traced_decomposition(node, table))
             module.graph.lint()
             module.recompile()
     return on_graph(ep, gm)
