@@ -74,6 +74,9 @@ BUILDS = [  # (model, passes, target seconds)
     ("smollm2", "prompt-prune(layer=2, keep=0.5)", 150),
     ("smollm2", "kv-quant(scheme=channel, bits=8)", 150),
     ("smollm2", "kv-window(sink=4, window=256)", 150),
+    ("smollm2", "kv-quant(bits=8)", 150),
+    ("smollm2", "kv-evict(policy=h2o, keep=0.5)", 150),
+    ("smollm2", "self-speculate(exit=8, draft=4)", 150),
     ("vit-b16", "tome(r=8)", 60),
 ]
 

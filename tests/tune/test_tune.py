@@ -145,3 +145,20 @@ def test_a_remote_worker_gets_the_model_and_exit_heads_as_bytes(bert, tmp_path):
     (local,) = aliases.values()
     assert aliases == {str(heads): local} and open(local, "rb").read() == b"adapters"
     shutil.rmtree(Path(path).parent)
+
+
+def test_joining_a_cluster_that_refuses_names_ray_token_authentication(monkeypatch):
+    ray = pytest.importorskip("ray")
+    from skimformer import UserError
+    from skimformer.tuning.ray_pool import RayPool
+
+    def refused(**_):
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(UserError) as e:
+        RayPool("10.0.0.5:6379", None, 1, None, None, "onnxruntime", {})
+    message = str(e.value)
+    assert "Failed to connect" in message and "RAY_AUTH_MODE=token" in message and len(message) < 220

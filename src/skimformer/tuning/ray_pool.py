@@ -16,6 +16,7 @@ Each actor reserves `threads` CPUs and runs torch and the engines on that many t
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +27,11 @@ from skimformer.tuning.rows import Rows
 from skimformer.tuning.worker import Worker
 
 INSTALL = "pip install 'skimformer[distributed]'"
+
+
+# Ray 2.59 and later start clusters with token authentication, and a client that is not told
+# so gets only "Failed to connect" (the token itself is read from ~/.ray/auth_token).
+AUTH_HINT = "a cluster of `ray start` (Ray >= 2.59) wants RAY_AUTH_MODE=token set here too"
 
 
 @dataclass
@@ -90,7 +96,9 @@ class RayPool:
                 else:
                     ray.init(address=address, logging_level=level, log_to_driver=verbose)
             except (ConnectionError, ValueError, RuntimeError) as e:
-                raise UserError(f"--ray {address}: cannot start or join a Ray cluster ({str(e).splitlines()[0]})") from None
+                hint = "" if address == "auto" else f"; {AUTH_HINT}" if "RAY_AUTH_MODE" not in os.environ else ""
+                raise UserError(f"--ray {address}: cannot start or join a Ray cluster "
+                                f"({str(e).splitlines()[0][:80]}){hint}") from None
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.size = workers or max(1, cpus // threads)
         if self.size * threads > cpus:
