@@ -29,7 +29,7 @@ SAME_AS_INPUT = ":output"
 
 
 def _quiet():
-    return quiet(("torch.onnx", "onnxscript", "torch.export", "onnxruntime.quantization.matmul_nbits_quantizer"))
+    return quiet(("torch.onnx", "onnxscript", "onnx_ir", "torch.export", "onnxruntime.quantization.matmul_nbits_quantizer"))
 
 
 WEIGHTS = {"int8": 8, "int4": 4}
