@@ -57,10 +57,10 @@ def _signature(node: fx.Node) -> str:
     return re.sub(r"\b[su]\d+\b", lambda m: numbers.setdefault(m.group(), f"#{len(numbers)}"), text)
 
 
-def _inline(graph: fx.Graph, node: fx.Node, sub: fx.GraphModule) -> None:
-    """Put `sub`'s nodes in place of `node`, which it computes from `node`'s operands; their
-    fake values are computed again from those operands (`sub` may have been traced on another
-    node's sizes)."""
+def _inline(graph: fx.Graph, node: fx.Node, sub: fx.GraphModule, reused: bool) -> None:
+    """Put `sub`'s nodes in place of `node`, which it computes from `node`'s operands. A `sub`
+    `reused` from another node's trace has that node's sizes in its fake values: they are
+    computed again from `node`'s operands."""
     from torch._guards import detect_fake_mode
 
     operands = [a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, fx.Node)]
@@ -74,8 +74,9 @@ def _inline(graph: fx.Graph, node: fx.Node, sub: fx.GraphModule) -> None:
                 result = pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, inner.args[0])
             else:
                 copied = env[inner] = graph.node_copy(inner, lambda a: env[a])
-                copied.meta = dict(copied.meta)
-                copied.meta["val"] = copied.target(*fx.map_arg(copied.args, val), **fx.map_arg(copied.kwargs, val))
+                if reused:  # node_copy gave it a meta dict of its own
+                    copied.meta["val"] = copied.target(*fx.map_arg(copied.args, val),
+                                                       **fx.map_arg(copied.kwargs, val))
     if isinstance(result, (tuple, list)):
         for user in list(node.users):  # multi-output ops are read through getitem
             user.replace_all_uses_with(result[user.args[1]])
@@ -96,9 +97,10 @@ def decomposed_node_by_node(ep: torch.export.ExportedProgram, ops: set, table: d
         if isinstance(module, fx.GraphModule):
             for node in [n for n in module.graph.nodes if n.op == "call_function" and n.target in ops]:
                 key = _signature(node)
-                if key not in traced:
+                reused = key in traced
+                if not reused:
                     traced[key] = _traced_decomposition(node, table)
-                _inline(module.graph, node, traced[key])
+                _inline(module.graph, node, traced[key], reused)
             if edit is not None:
                 edit(module.graph)
             module.graph.lint()

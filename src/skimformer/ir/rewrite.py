@@ -7,9 +7,8 @@ every node and a proper graph signature (DESIGN.md). Original nodes keep their
 """
 from __future__ import annotations
 
-import copy
-
 import contextlib
+import copy
 import inspect
 import operator
 

@@ -96,7 +96,8 @@ class RayPool:
                 else:
                     ray.init(address=address, logging_level=level, log_to_driver=verbose)
             except (ConnectionError, ValueError, RuntimeError) as e:
-                hint = "" if address == "auto" else f"; {AUTH_HINT}" if "RAY_AUTH_MODE" not in os.environ else ""
+                told = address == "auto" or "RAY_AUTH_MODE" in os.environ
+                hint = "" if told else f"; {AUTH_HINT}"
                 raise UserError(f"--ray {address}: cannot start or join a Ray cluster "
                                 f"({str(e).splitlines()[0][:80]}){hint}") from None
         cpus = int(ray.cluster_resources().get("CPU", 1))
