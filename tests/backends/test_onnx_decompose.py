@@ -31,6 +31,18 @@ class Quantizes(torch.nn.Module):
         return {"codes": codes, "scale": scale, "tail": tail}
 
 
+class AppendsTwice(torch.nn.Module):
+    """Two layers' KIVI value caches with one KV head (Gemma's MQA), whose step quantizes
+    nothing at the example's sizes: the second layer's op reuses the first one's trace."""
+
+    def forward(self, codes, scale, zero, tail, new):
+        out = {}
+        for layer in range(2):
+            parts = torch.ops.skim.kv_append(codes, scale, zero, torch.cat([tail, new * (layer + 1)], dim=2), 8, 4, 4, 8)
+            out.update({f"{name}_{layer}": part for name, part in zip(("codes", "scale", "zero", "tail"), parts)})
+        return out
+
+
 class Diagonal(torch.nn.Module):
     """`torch.diag`, which the exporter decomposes itself."""
 
@@ -83,6 +95,28 @@ def test_casts_inside_a_decomposition_are_respelled_too(whole_program_decomposit
     assert got["codes"].shape == (2, 3, 16, 8) and got["tail"].shape == (2, 3, 6, 8)
     for name, value in want.items():
         np.testing.assert_allclose(got[name], value.numpy(), atol=1e-5, err_msg=name)
+
+
+def _append_inputs(batch: int, quantized: int, tail: int) -> dict[str, torch.Tensor]:
+    return {"codes": torch.randint(0, 255, (batch, 1, quantized, 8), dtype=torch.uint8),
+            "scale": torch.rand(batch, 1, quantized, 1) + 0.1, "zero": torch.randn(batch, 1, quantized, 1),
+            "tail": torch.randn(batch, 1, tail, 8), "new": torch.randn(batch, 1, 1, 8)}
+
+
+def test_a_cache_step_that_quantizes_nothing_yet_lowers_with_one_kv_head(whole_program_decompositions, tmp_path):
+    """The exporter decomposes with size-oblivious guards, under which torch divided by the
+    empty slice's stride hint (0) while laying out the reused trace's values."""
+    example = _append_inputs(2, 8, 3)
+    sizes = {name: {0: DYN, 2: DYN} for name in example} | {"new": {0: DYN}}
+    program = Program(torch.export.export(AppendsTwice(), (), example, dynamic_shapes=sizes))
+    lower(program, tmp_path / "model.onnx", portable=True)
+    assert whole_program_decompositions == []
+    runner = Runner(tmp_path / "model.onnx", threads=1)
+    for inputs in (_append_inputs(3, 4, 9), example):  # 9 + 1 tokens quantize 4; 3 + 1 quantize none
+        want = program.run(inputs)
+        got = runner.run({name: value.numpy() for name, value in inputs.items()})
+        for name, value in want.items():
+            np.testing.assert_allclose(got[name], value.numpy(), atol=1e-5, err_msg=name)
 
 
 def test_an_op_the_exporter_decomposes_takes_its_way(whole_program_decompositions, tmp_path):

@@ -95,14 +95,25 @@ def decomposed_node_by_node(ep: torch.export.ExportedProgram, ops: set, table: d
     traced: dict[str, fx.GraphModule] = {}
     for module in gm.modules():
         if isinstance(module, fx.GraphModule):
-            for node in [n for n in module.graph.nodes if n.op == "call_function" and n.target in ops]:
-                key = _signature(node)
-                reused = key in traced
-                if not reused:
-                    traced[key] = _traced_decomposition(node, table)
-                _inline(module.graph, node, traced[key], reused)
+            _decompose_graph(module.graph, ops, table, traced)
             if edit is not None:
                 edit(module.graph)
             module.graph.lint()
             module.recompile()
     return on_graph(ep, gm)
+
+
+def _decompose_graph(graph: fx.Graph, ops: set, table: dict, traced: dict[str, fx.GraphModule]) -> None:
+    """Replace `graph`'s nodes calling `ops`, reusing and adding to the `traced` decompositions.
+
+    The ONNX exporter calls for this with size-oblivious guards (sizes 0 and 1 taken as >= 2),
+    under which torch divides by the hint of an empty slice's stride (a cache that has quantized
+    nothing yet: 0). The references are written for sizes 0 and 1, so they run with exact guards."""
+    with torch.fx.experimental._config.patch(backed_size_oblivious=False):
+        for node in [n for n in graph.nodes if n.op == "call_function" and n.target in ops]:
+            key = _signature(node)
+            reused = key in traced
+            if not reused:
+                traced[key] = _traced_decomposition(node, table)
+            _inline(graph, node, traced[key], reused)
+
