@@ -187,6 +187,20 @@ def test_programs_carry_the_quantized_cache(quantized):
         assert report[role]["kv_cache_bytes"]["after"] < report[role]["kv_cache_bytes"]["before"]
 
 
+def test_layers_that_split_alike_share_their_cache_sizes(quantized):
+    """One batch, one quantized length and one tail length for every layer's parts: the layers'
+    cache ops then have one form, which backends decompose once instead of once per layer."""
+    _, new, _ = quantized(LOSSY)
+    decode = new.programs["decode"]
+    sizes = {name: [str(s) for s in node.meta["val"].shape] for name, node in zip(decode.input_names, decode.input_nodes())}
+    batch = sizes["input_ids"][0]
+    assert {shape[0] for name, shape in sizes.items()} == {batch}
+    for part in PARTS:
+        assert sizes[f"past_{part}_0"][2] == sizes[f"past_{part}_1"][2], part
+    assert sizes["past_key_0"][2] == sizes["past_value_0"][2] == sizes["past_value_scale_0"][2]
+    assert sizes["past_key_residual_0"][2] == sizes["past_value_residual_0"][2]
+
+
 def test_decode_steps_quantize_the_oldest_tokens_in_order(quantized):
     """Over several steps (batch 2, left padding, dynamic batch and lengths): whole groups move
     from the full-precision tail to the codes, tokens stay in order, and layer 0's cache (computed

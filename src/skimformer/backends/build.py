@@ -52,12 +52,23 @@ def check_dtypes(model: Model) -> None:
                             "has no bfloat16): export the model in float16 (model.half()) or float32 for an engine")
 
 
+def _lower_and_save(lower: Callable, program: Program, engine_path: Path, program_path: Path | None, **options):
+    """One program's lowering, and its `.pt2` written beside the engine: seconds for a rewritten
+    program of a 135M-parameter model, which run side by side with the other program's lowering."""
+    extra = lower(program, engine_path, **options)
+    if program_path is not None:
+        program.save(program_path)
+    return extra
+
+
 def lower_model(model: Model, folder: Path, backend: str, progress: Progress,
-                options: dict | None = None) -> dict:
-    """Lower each program into `folder`; returns the manifest's `programs` section."""
+                options: dict | None = None, save_programs: bool = False) -> dict:
+    """Lower each program into `folder` (and save it there when `save_programs`); returns the
+    manifest's `programs` section."""
     module = backend_module(backend)
     files = {role: f"{role}{module.SUFFIX}" for role in model.programs}
-    jobs = {role: partial(module.lower, program, folder / files[role], **(options or {}))
+    jobs = {role: partial(_lower_and_save, module.lower, program, folder / files[role],
+                          folder / program_file(role) if save_programs else None, **(options or {}))
             for role, program in model.programs.items()}
     if len(jobs) > 1 and getattr(module, "FORKS", False) and can_fork():
         progress(f"lowering {', '.join(jobs)} to {backend} side by side")
@@ -240,9 +251,7 @@ def build_engine(model: Model, original: Model, out: Path, *, backend: str = "on
     options = dict(backend_options or {})
     checked_backend(backend, options)
     with atomic_folder(out, replace=force) as tmp:
-        programs = lower_model(model, tmp, backend, progress, options)
-        for role, program in model.programs.items():
-            program.save(tmp / program_file(role))
+        programs = lower_model(model, tmp, backend, progress, options, save_programs=True)
         _save_examples(model, tmp)
         for extra in model.extra_files:
             shutil.copy2(extra, tmp / extra.name)

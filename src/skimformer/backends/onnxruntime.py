@@ -14,6 +14,7 @@ import torch
 
 from skimformer.backends.onnx_cleanup import clean_up
 from skimformer.backends.onnx_decompose import decompose_only_when_needed
+from skimformer.backends.onnx_promote import promote_only_when_needed
 from skimformer.backends.ort_kernels import contrib, onnx_rules, select_graph_kernels
 from skimformer.backends.quiet import quiet
 from skimformer.errors import UserError
@@ -145,7 +146,7 @@ def export_onnx(program: Program, ep: torch.export.ExportedProgram, path: Path, 
     """Write `ep` (the program, or a lowered form of it) as ONNX named like the program;
     `translations` map ops to onnxscript functions of their own (custom nodes), and `rewrite`
     edits the exported `onnx_ir` model before it is saved."""
-    with _quiet(), _skim_ops_decomposed(translations or {}), decompose_only_when_needed():
+    with _quiet(), _skim_ops_decomposed(translations or {}), decompose_only_when_needed(), promote_only_when_needed():
         onnx_program = torch.onnx.export(ep, (), dynamo=True, verbose=False, optimize=False,
                                          custom_translation_table=translations)
         clean_up(onnx_program.model)

@@ -41,26 +41,30 @@ def _traced_decomposition(node: fx.Node, table: dict) -> fx.GraphModule:
         return make_fx(decomposed, decomposition_table=table, tracing_mode="real", pre_dispatch=True)(*fakes)
 
 
-def _signature(node: fx.Node) -> str:
-    """What a node's decomposition depends on: its op, its constant arguments, and the shapes
-    and dtypes of its operands, with their size symbols numbered by first appearance. Every
-    layer's cache op in a decoder has the same one (on sizes of its own), so one trace serves
-    them all: each trace takes about a second on a 30-layer model's symbolic sizes."""
+def _spelling(node: fx.Node) -> str:
+    """A node's op, constant arguments, and its operands' shapes (with their symbols) and dtypes."""
     def spelled(a):
         if isinstance(a, fx.Node):
             val = a.meta["val"]
             return f"T{tuple(val.shape)}{val.dtype}" if isinstance(val, torch.Tensor) else f"S{val}"
         return repr(a)
 
-    text = f"{node.target}" + repr(pytree.tree_map(spelled, (node.args, node.kwargs)))
+    return f"{node.target}" + repr(pytree.tree_map(spelled, (node.args, node.kwargs)))
+
+
+def _signature(spelling: str) -> str:
+    """What a node's decomposition depends on: its spelling with the size symbols numbered by
+    first appearance. Every layer's cache op in a decoder has the same one (on sizes of its own,
+    or the same sizes), so one trace serves them all: each trace takes about a second on a
+    30-layer model's symbolic sizes."""
     numbers: dict[str, str] = {}
-    return re.sub(r"\b[su]\d+\b", lambda m: numbers.setdefault(m.group(), f"#{len(numbers)}"), text)
+    return re.sub(r"\b[su]\d+\b", lambda m: numbers.setdefault(m.group(), f"#{len(numbers)}"), spelling)
 
 
-def _inline(graph: fx.Graph, node: fx.Node, sub: fx.GraphModule, reused: bool) -> None:
+def _inline(graph: fx.Graph, node: fx.Node, sub: fx.GraphModule, resized: bool) -> None:
     """Put `sub`'s nodes in place of `node`, which it computes from `node`'s operands. A `sub`
-    `reused` from another node's trace has that node's sizes in its fake values: they are
-    computed again from `node`'s operands."""
+    traced on another node whose operands have other sizes (`resized`) has those sizes in its
+    fake values: they are computed again from `node`'s operands."""
     from torch._guards import detect_fake_mode
 
     operands = [a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, fx.Node)]
@@ -74,7 +78,7 @@ def _inline(graph: fx.Graph, node: fx.Node, sub: fx.GraphModule, reused: bool) -
                 result = pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, inner.args[0])
             else:
                 copied = env[inner] = graph.node_copy(inner, lambda a: env[a])
-                if reused:  # node_copy gave it a meta dict of its own
+                if resized:  # node_copy gave it a meta dict of its own
                     copied.meta["val"] = copied.target(*fx.map_arg(copied.args, val),
                                                        **fx.map_arg(copied.kwargs, val))
     if isinstance(result, (tuple, list)):
@@ -92,7 +96,7 @@ def decomposed_node_by_node(ep: torch.export.ExportedProgram, ops: set, table: d
     decomposition from `table`, then changed in place by `edit` when given (the inlined nodes
     too); the outputs are renamed where a replaced node was one. Raises what tracing a node raises."""
     gm = copy.deepcopy(ep.graph_module)  # graphs and branch modules; weights are inputs, not attributes
-    traced: dict[str, fx.GraphModule] = {}
+    traced: dict[str, tuple[fx.GraphModule, str]] = {}
     for module in gm.modules():
         if isinstance(module, fx.GraphModule):
             _decompose_graph(module.graph, ops, table, traced)
@@ -103,7 +107,7 @@ def decomposed_node_by_node(ep: torch.export.ExportedProgram, ops: set, table: d
     return on_graph(ep, gm)
 
 
-def _decompose_graph(graph: fx.Graph, ops: set, table: dict, traced: dict[str, fx.GraphModule]) -> None:
+def _decompose_graph(graph: fx.Graph, ops: set, table: dict, traced: dict[str, tuple[fx.GraphModule, str]]) -> None:
     """Replace `graph`'s nodes calling `ops`, reusing and adding to the `traced` decompositions.
 
     The ONNX exporter calls for this with size-oblivious guards (sizes 0 and 1 taken as >= 2),
@@ -111,9 +115,10 @@ def _decompose_graph(graph: fx.Graph, ops: set, table: dict, traced: dict[str, f
     nothing yet: 0). The references are written for sizes 0 and 1, so they run with exact guards."""
     with torch.fx.experimental._config.patch(backed_size_oblivious=False):
         for node in [n for n in graph.nodes if n.op == "call_function" and n.target in ops]:
-            key = _signature(node)
-            reused = key in traced
-            if not reused:
-                traced[key] = _traced_decomposition(node, table)
-            _inline(graph, node, traced[key], reused)
+            spelling = _spelling(node)
+            key = _signature(spelling)
+            if key not in traced:
+                traced[key] = (_traced_decomposition(node, table), spelling)
+            sub, traced_on = traced[key]
+            _inline(graph, node, sub, resized=spelling != traced_on)
 

@@ -74,13 +74,13 @@ def _blocks(x: Tensor, group: int, channels: int) -> tuple[Tensor, int]:
 def quantize_ref(x: Tensor, bits: int, group: int, channels: int) -> tuple[Tensor, Tensor, Tensor]:
     """Codes, scale and zero of `x` `[B, H, T, D]` (T a multiple of `group` for keys); scale and
     zero in `x`'s dtype."""
-    levels = (1 << bits) - 1
+    levels = float((1 << bits) - 1)  # float scalars: the ONNX exporter would cast Python ints beside fp32
     blocks, axis = _blocks(x.float(), group, channels)
     zero = blocks.amin(dim=axis, keepdim=True)
     # A constant block has no range: any positive scale codes it exactly as its zero.
     step = ((blocks.amax(dim=axis, keepdim=True) - zero) / levels).clamp_min(scale_floor(x.dtype))
     scale = step.to(x.dtype)
-    codes = torch.round((blocks - zero) / scale.float()).clamp(0, levels)
+    codes = torch.round((blocks - zero) / scale.float()).clamp(0.0, levels)
     return pack_ref(codes.reshape(x.shape), bits), scale.squeeze(axis), zero.to(x.dtype).squeeze(axis)
 
 

@@ -43,6 +43,7 @@ from skimformer.ir.attention import sdpa_mask
 from skimformer.ir.graph import op_name
 from skimformer.ir.rewrite import tag
 from skimformer.ir.signature import add_input, named_outputs, set_outputs
+from skimformer.ir.sizes import to_expr
 from skimformer.kernels import quant  # noqa: F401  (registers the skim ops)
 from skimformer.passes import kv_quant_channel
 from skimformer.passes.base import Exercise, ModelResult, Pass
@@ -187,7 +188,7 @@ def _quantize_decode(program: Program, config: KVQuantConfig, inputs: dict, dims
     module = program.ep.module()
     graph = module.graph
     layers = cache_layers(module, NAME)
-    new = {}
+    new, parts_of = {}, {}
     for layer in layers:
         if layer.past_key is None or layer.past_value is None:
             raise UserError(f"{NAME}: the decode program has no past_key_{layer.index}/past_value_{layer.index} input")
@@ -200,6 +201,7 @@ def _quantize_decode(program: Program, config: KVQuantConfig, inputs: dict, dims
             with graph.inserting_before(site.node):
                 tail = tag(graph.call_function(torch.ops.aten.cat.default, ([parts["residual"], fresh], 2)), NAME)
             state[kind] = (parts, tail)
+            parts_of[layer.index, kind] = parts
             _length_from_parts(graph, past, parts)
         (kp, ktail), (vp, vtail) = state["key"], state["value"]
         channels = _channels(config, _head_dim(layer.value))
@@ -214,7 +216,8 @@ def _quantize_decode(program: Program, config: KVQuantConfig, inputs: dict, dims
             "key": (kp["codes"], kp["scale"], kp["zero"], ktail),
             "value": (vp["codes"], vp["scale"], vp["zero"], vtail)}))
     set_outputs(module, _with_layers(named_outputs(module), new))
-    replace_guards(module)  # the export's checks of the old inputs (the head dim of past_key_*)
+    # the export's checks of the old inputs (the head dim of past_key_*) give way to the sizes' equalities
+    replace_guards(module, _equal_sizes(layers, parts_of))
     graph.eliminate_dead_code()
     for layer in layers:
         for past in (layer.past_key, layer.past_value):
@@ -225,6 +228,28 @@ def _quantize_decode(program: Program, config: KVQuantConfig, inputs: dict, dims
                                 f"{left[0].name} (a pass before it uses the decode-time cache); {ORDER}")
     traced = reexport_decoder_program(program, module, _traceable(inputs, config.group), dims)
     return Program(ep=traced.ep, role=program.role, example_inputs={n: inputs[n] for n in traced.input_names})
+
+
+def _equal_sizes(layers: list[CacheLayer], parts_of: dict) -> list:
+    """Sizes of the split caches that are equal whatever the inputs: every part's batch; a
+    layer's key and value split at one token count (value scales have a row per token); and
+    layers whose caches held one token count before (a symbol of the program: all layers, unless
+    a pass such as `prompt-prune` shortened some) split alike."""
+    same = []
+    first_of: dict = {}
+    for layer in layers:
+        key, value = parts_of[layer.index, "key"], parts_of[layer.index, "value"]
+        for parts in (key, value):
+            same += [((parts[p], 0), (parts["codes"], 0)) for p in PARTS]
+            same.append(((parts["zero"], 2), (parts["scale"], 2)))
+        same += [((value["codes"], 2), (key["codes"], 2)), ((value["residual"], 2), (key["residual"], 2)),
+                 ((value["scale"], 2), (key["codes"], 2))]
+        val = layer.past_key.meta.get("val")
+        first = first_of.setdefault(to_expr(val.shape[2]), layer.index) if val is not None else layer.index
+        if first != layer.index:
+            same += [((parts_of[layer.index, "key"][p], 2), (parts_of[first, "key"][p], 2))
+                     for p in ("codes", "scale", "residual")]
+    return same
 
 
 def _traceable(inputs: dict[str, torch.Tensor], group: int) -> dict[str, torch.Tensor]:

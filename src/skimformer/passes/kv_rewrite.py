@@ -140,9 +140,10 @@ def reexport_decoder_program(program: Program, module: fx.GraphModule, inputs: d
     return reexport(program, module, inputs, dims)
 
 
-def replace_guards(module: fx.GraphModule) -> None:
+def replace_guards(module: fx.GraphModule, same: list[tuple[tuple[fx.Node, int], tuple[fx.Node, int]]] = ()) -> None:
     """Drop `ep.module()`'s check of the old inputs and assert, in its place, which inputs share
-    a size, for passes that change the cache's representation.
+    a size, for passes that change the cache's representation; `same` adds pairs of (input,
+    dimension) that a pass knows to be equal among its new inputs.
 
     The export's `_guards_fn` checks the cache's dtype and head dim, which such a pass changes,
     but it also told the re-export, before any op ran, that all inputs have one batch size and
@@ -152,26 +153,28 @@ def replace_guards(module: fx.GraphModule) -> None:
     every one-token decode step. So the equalities come first again (`torch._assert`, as the
     guard function does); sums such as the mask's `past + n` are left out, since a pass may
     change what the cache's token axis counts (KIVI's codes hold only the quantized tokens).
+    Equal sizes also trace as one symbol, so the layers' cache ops have one form (decomposed
+    once by the backends) instead of one per layer.
     """
     graph = module.graph
     for guard in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         graph.erase_node(guard)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    first: dict[sympy.Symbol, fx.Node] = {}
+    first: dict[sympy.Symbol, tuple[fx.Node, int]] = {}
+    pairs = []
+    for node in placeholders:
+        for dim, size in enumerate(getattr(node.meta.get("val"), "shape", ())):
+            symbol = to_expr(size)
+            if isinstance(symbol, sympy.Symbol):
+                pairs.append(((node, dim), first.setdefault(symbol, (node, dim))))
     with graph.inserting_before(placeholders[-1].next):
-        for node in placeholders:
-            for dim, size in enumerate(getattr(node.meta.get("val"), "shape", ())):
-                symbol = to_expr(size)
-                if not isinstance(symbol, sympy.Symbol):
-                    continue
-                read = graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
-                if symbol not in first:
-                    first[symbol] = read
-                    continue
-                same = graph.call_function(operator.eq, (read, first[symbol]))
-                other, other_dim = first[symbol].args
-                graph.call_function(torch._assert, (same, f"{node.target}.size({dim}) must equal "
-                                                          f"{other.target}.size({other_dim})"))
+        for (node, dim), (other, other_dim) in [*pairs, *same]:
+            if (node, dim) == (other, other_dim):
+                continue
+            equal = graph.call_function(operator.eq, (graph.call_function(torch.ops.aten.sym_size.int, (node, dim)),
+                                                      graph.call_function(torch.ops.aten.sym_size.int, (other, other_dim))))
+            graph.call_function(torch._assert, (equal, f"{node.target}.size({dim}) must equal "
+                                                       f"{other.target}.size({other_dim})"))
 
 
 def cache_bytes(outputs: dict[str, torch.Tensor]) -> int:
