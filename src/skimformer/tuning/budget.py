@@ -53,8 +53,9 @@ class Budget:
 
     def violation(self, figures: dict) -> float | None:
         """How far `figures` are outside this budget (> 0 outside, <= 0 within), in the metric's
-        units; None when the figures lack the metric."""
-        value = figures.get(self.metric)
+        units, judged on the metric's confidence bound where the figures give one
+        (`tuning.figures`); None when the figures lack the metric."""
+        value = figures.get(f"{self.metric}_bound", figures.get(self.metric))
         if value is None:
             return None
         return self.bound - value if self.floor else value - self.bound

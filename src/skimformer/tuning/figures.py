@@ -10,6 +10,12 @@ Fidelity compares a candidate's outputs with the unoptimized engine's on the sam
   next-token argmax, `cosine` of the next-token logits, `ppl-ratio` of the perplexities of the
   fed text, and `kl` (nats).
 
+Each budget metric comes with `METRIC_bound`, its one-sided 90% confidence bound over the rows
+(or a decoder's positions) it was measured on, on the side the budget bounds: budgets are checked
+on it, so a choice keeps its budget on rows the search never saw. On a few hundred labelled
+images one point of accuracy is two images: a candidate that fixes three and breaks four shows a
+small drop whose bound is two points, where one that changes no prediction is exact.
+
 Speed is a ratio to the unoptimized engine timed in the same process, the two run in alternation
 (so drift in a machine's speed falls on both, and workers of different speeds give comparable
 ratios): an encoder's time per call on a batch of search rows; a decoder's time for a request,
@@ -28,6 +34,7 @@ from skimformer.backends.measure import measure_decoder
 from skimformer.backends.teacher_forcing import Decoder, Run, forced_logits
 from skimformer.passes.fidelity import next_token_metrics
 
+Z_90 = 1.2816  # the standard normal's 90% quantile: one-sided 90% bounds
 TIMING_S = 2.0  # an encoder's timing: at least MIN_RUNS calls of each engine, then until this is spent
 MIN_RUNS = 5
 DECODE_TOKENS = 16  # a decoder's request: the prompt's prefill, then these decode steps
@@ -40,13 +47,25 @@ def encoder_figures(reference: np.ndarray, candidate: np.ndarray, name: str, mas
         return {}
     ref, got = _pooled(reference, mask), _pooled(candidate, mask)
     cos = (ref * got).sum(-1) / np.maximum(np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1), 1e-12)
-    figures = {"cosine": float(cos.mean()), "cosine_min": float(cos.min())}
+    figures = {**_bounded("cosine", cos, floor=True), "cosine_min": float(cos.min())}
     if name.endswith("logits"):
-        figures["agreement"] = float((reference.argmax(-1) == candidate.argmax(-1)).mean())
+        figures.update(_bounded("agreement", reference.argmax(-1) == candidate.argmax(-1), floor=True))
         if labels is not None and reference.ndim == 2:
-            top1, top1_ref = float((candidate.argmax(-1) == labels).mean()), float((reference.argmax(-1) == labels).mean())
-            figures.update({"top1-drop": 100 * (top1_ref - top1), "top1": top1, "top1_reference": top1_ref})
+            right, right_ref = candidate.argmax(-1) == labels, reference.argmax(-1) == labels
+            figures.update({**_bounded("top1-drop", 100.0 * (right_ref.astype(np.float64) - right), floor=False),
+                            "top1": float(right.mean()), "top1_reference": float(right_ref.mean())})
     return figures
+
+
+def _bounded(metric: str, samples: np.ndarray, floor: bool, scale=float) -> dict[str, float]:
+    """`metric`, the mean of per-row (or per-position) `samples`, and `METRIC_bound`, its one-sided
+    90% confidence bound below (`floor`) or above it (normal approximation; exact when every
+    sample is equal, as for a pass that changes no prediction); `scale` maps both (a log-ratio to
+    a ratio)."""
+    x = np.asarray(samples, dtype=np.float64).ravel()
+    mean = float(x.mean())
+    half = Z_90 * float(x.std(ddof=1)) / np.sqrt(x.size) if x.size > 1 else 0.0
+    return {metric: scale(mean), f"{metric}_bound": scale(mean - half if floor else mean + half)}
 
 
 def _pooled(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -67,15 +86,17 @@ def teacher_forced(run: Run, ids: np.ndarray, mask: np.ndarray, prompt: int) -> 
 
 def decoder_figures(reference: np.ndarray, candidate: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     """Budget figures from teacher-forced logits `[B, n, V]` predicting `targets` `[B, n]`."""
-    metrics = next_token_metrics(reference, candidate)
-    nll = [_nll(x, targets) for x in (reference, candidate)]
-    return {"agreement": metrics["next_token_agreement"], "cosine": metrics["next_token_cosine"],
-            "ppl-ratio": float(np.exp(nll[1] - nll[0])), "kl": metrics["next_token_kl"]}
+    ref, got = torch.from_numpy(reference).double(), torch.from_numpy(candidate).double()
+    nll = [_nll(x, targets) for x in (ref, got)]
+    return {**_bounded("agreement", (ref.argmax(-1) == got.argmax(-1)).numpy(), floor=True),
+            **_bounded("cosine", torch.nn.functional.cosine_similarity(ref, got, dim=-1).numpy(), floor=True),
+            **_bounded("ppl-ratio", (nll[1] - nll[0]).numpy(), floor=False, scale=lambda m: float(np.exp(m))),
+            "kl": next_token_metrics(reference, candidate)["next_token_kl"]}
 
 
-def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
-    logp = torch.from_numpy(logits).double().log_softmax(-1)
-    return float(-logp.gather(-1, torch.from_numpy(targets)[..., None]).mean())
+def _nll(logits: torch.Tensor, targets: np.ndarray) -> torch.Tensor:
+    """Per position, the negative log-likelihood of `targets` `[B, n]` under `logits` `[B, n, V]`."""
+    return -logits.log_softmax(-1).gather(-1, torch.from_numpy(targets)[..., None])[..., 0]
 
 
 def encoder_speed(baseline: Engine, engine: Engine, feeds: dict[str, np.ndarray]) -> dict:

@@ -60,9 +60,10 @@ def describe(budgets: list[Budget], figures: dict) -> str:
     missed = []
     for b, v in zip(budgets, violations(budgets, figures)):
         if v > 0:
-            value = figures.get(b.metric)
+            value, bound = figures.get(b.metric), figures.get(f"{b.metric}_bound")
+            sure = "" if bound is None or bound == value else f" (90% bound {bound:.4g})"
             missed.append(f"{b.metric} not measured" if value is None else
-                          f"{b.metric} {value:.4g} {'<' if b.floor else '>'} {b.bound:g}")
+                          f"{b.metric} {value:.4g}{sure} {'<' if b.floor else '>'} {b.bound:g}")
     return ", ".join(missed)
 
 

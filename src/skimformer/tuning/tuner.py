@@ -227,12 +227,14 @@ def _summary(out: Path, settings: dict, space: Space, rows: Rows, budgets: list[
                     "timing noise")
         answer = (f"nothing within the budget ({', '.join(map(str, budgets))}) is faster than the unoptimized engine "
                   f"({best}): the engine built is the unoptimized one")
+    # the held-out rows check what was measured on them, not its confidence bound
+    measured = {k: v for k, v in check["figures"].items() if not k.endswith("_bound")}
     held = {"figures": check["figures"], "speed": check.get("speed"), "timing": check.get("timing"),
             "budget_metrics": [b.metric for b in budgets if b.metric in check["figures"]],
-            "within_budget": max(violations(budgets, check["figures"]), default=0) <= 0}
+            "within_budget": max(violations(budgets, measured), default=0) <= 0}
     notes = []
     if not held["within_budget"]:
-        notes.append(f"note: on the held-out rows the engine misses the budget ({describe(budgets, check['figures'])}): "
+        notes.append(f"note: on the held-out rows the engine misses the budget ({describe(budgets, measured)}): "
                      "give more rows in --data, or a stricter budget")
     return {"output": str(out), "model": settings["model"], "budgets": [str(b) for b in budgets],
             "primary": budgets[0].metric,
