@@ -28,6 +28,21 @@ def test_loads_pt2_and_pt_with_example_inputs(exported, tmp_path):
     assert load(alias).programs["model"].input_names == program.input_names
 
 
+def test_sizes_parsed_once_read_as_torch_reads_them(tiny_decoder):
+    """Each size text is parsed once per program: the decode program's symbolic shapes and ranges
+    are those torch's own reader gives."""
+    path = tiny_decoder / "decode.pt2"
+    ours = load(tiny_decoder).programs["decode"].ep
+    theirs = torch.export.load(str(path))
+
+    def shapes(ep):
+        return [(n.name, str(getattr(n.meta.get("val"), "shape", n.meta.get("val")))) for n in ep.graph.nodes]
+
+    assert shapes(ours) == shapes(theirs)
+    symbols = {str(k): (v.lower, v.upper) for k, v in theirs.range_constraints.items() if k.is_Symbol}
+    assert {str(k): (v.lower, v.upper) for k, v in ours.range_constraints.items()} == symbols
+
+
 def _refused(path, *words):
     with pytest.raises(UserError) as err:
         load(path)

@@ -133,6 +133,16 @@ def test_a_search_on_a_local_ray_cluster_of_two_workers(bert, data, tmp_path, lo
     assert (out / "trials.png").is_file() and Engine.load(out / "engine").roles == ["model"]
 
 
+def test_more_workers_than_the_cluster_has_cpus_is_refused_before_anything_is_written(bert, data, tmp_path,
+                                                                                      local_ray):
+    from skimformer import UserError
+
+    out = tmp_path / "tuned"
+    with pytest.raises(UserError, match="--workers 3 with 1 thread.* needs 3 CPUs; the Ray cluster has 2"):
+        tune_model(bert, BUDGET, out, data=data[1], space="skip", trials=1, ray="auto", workers=3)
+    assert not out.exists() and local_ray.is_initialized()
+
+
 def test_a_remote_worker_gets_the_model_and_exit_heads_as_bytes(bert, tmp_path):
     from skimformer.ir import load
     from skimformer.tuning.ray_pool import ModelFiles
@@ -147,10 +157,10 @@ def test_a_remote_worker_gets_the_model_and_exit_heads_as_bytes(bert, tmp_path):
     shutil.rmtree(Path(path).parent)
 
 
-def test_joining_a_cluster_that_refuses_names_ray_token_authentication(monkeypatch):
+def test_joining_a_cluster_that_refuses_names_ray_token_authentication_and_writes_nothing(bert, data, tmp_path,
+                                                                                          monkeypatch):
     ray = pytest.importorskip("ray")
     from skimformer import UserError
-    from skimformer.tuning.ray_pool import RayPool
 
     def refused(**_):
         raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379")
@@ -158,7 +168,9 @@ def test_joining_a_cluster_that_refuses_names_ray_token_authentication(monkeypat
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", refused)
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    out = tmp_path / "tuned"
     with pytest.raises(UserError) as e:
-        RayPool("10.0.0.5:6379", None, 1, None, None, "onnxruntime", {})
+        tune_model(bert, BUDGET, out, data=data[1], space="skip", trials=1, ray="10.0.0.5:6379")
     message = str(e.value)
     assert "Failed to connect" in message and "RAY_AUTH_MODE=token" in message and len(message) < 220
+    assert not out.exists()

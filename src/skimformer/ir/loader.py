@@ -115,13 +115,47 @@ def _schema_hints_cached():
         typing.get_type_hints = original
 
 
+class _SympyParsingOnce:
+    """`sympy` as torch's reader sees it, but `sympify` of a text parses it once per program.
+
+    The reader parses every symbolic size of every node from its text (`s0`, `s1 + s70`): tens
+    of thousands of `parse_expr` calls for a 30-layer decoder, most of its loading time, for a
+    few hundred distinct texts. Within one program a text always names the same symbols, so it
+    parses to the same expression."""
+
+    def __init__(self):
+        self._parsed: dict[str, sympy.Basic] = {}
+
+    def __getattr__(self, name):
+        return getattr(sympy, name)
+
+    def sympify(self, a, *args, **kwargs):
+        if not isinstance(a, str):
+            return sympy.sympify(a, *args, **kwargs)
+        if a not in self._parsed:
+            self._parsed[a] = sympy.sympify(a, *args, **kwargs)
+        return self._parsed[a]
+
+
+@contextlib.contextmanager
+def _sizes_parsed_once():
+    from torch._export.serde import serialize
+
+    original = serialize.sympy
+    serialize.sympy = _SympyParsingOnce()
+    try:
+        yield
+    finally:
+        serialize.sympy = original
+
+
 def load_program(path: str | Path, role: str = "model") -> Program:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder: give a .pt2 file, or a decoder folder with {' and '.join(DECODER_FILES)}")
     check_archive(path)
     try:
-        with _weights_only(), reading_specs(path), _schema_hints_cached():
+        with _weights_only(), reading_specs(path), _schema_hints_cached(), _sizes_parsed_once():
             ep = torch.export.load(str(path))
     except UserError:
         raise

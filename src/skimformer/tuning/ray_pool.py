@@ -79,14 +79,17 @@ class RemoteWorker(Worker):
             shutil.rmtree(self.copy, ignore_errors=True)
 
 
-class RayPool:
-    def __init__(self, address: str, workers: int | None, threads: int, files: ModelFiles, rows: Rows,
-                 backend: str, options: dict, verbose: bool = False):
+class Cluster:
+    """The Ray cluster trials run on: joined (or started, for `auto`) when made, before `tune`
+    writes anything, so a refused join leaves the output folder untouched; `close` shuts down
+    only a cluster this process joined itself."""
+
+    def __init__(self, address: str, verbose: bool = False):
         try:
             import ray
         except ImportError:
             raise UserError(f"--ray needs Ray, which is not installed: {INSTALL}") from None
-        self.ray = ray
+        self.ray, self.address = ray, address
         self.started = not ray.is_initialized()
         if self.started:
             level = logging.INFO if verbose else logging.ERROR
@@ -100,13 +103,28 @@ class RayPool:
                 hint = "" if told else f"; {AUTH_HINT}"
                 raise UserError(f"--ray {address}: cannot start or join a Ray cluster "
                                 f"({str(e).splitlines()[0][:80]}){hint}") from None
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.size = workers or max(1, cpus // threads)
-        if self.size * threads > cpus:
-            self.close()
-            raise UserError(f"--workers {self.size} with {threads} thread(s) each needs {self.size * threads} CPUs; "
+
+    def workers(self, wanted: int | None, threads: int) -> int:
+        """How many workers of `threads` CPUs to run: `wanted`, or as many as the cluster holds."""
+        cpus = int(self.ray.cluster_resources().get("CPU", 1))
+        size = wanted or max(1, cpus // threads)
+        if size * threads > cpus:
+            raise UserError(f"--workers {size} with {threads} thread(s) each needs {size * threads} CPUs; "
                             f"the Ray cluster has {cpus}")
-        if address != "auto" and files.files is None:
+        return size
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+            self.started = False
+
+
+class RayPool:
+    def __init__(self, cluster: Cluster, size: int, threads: int, files: ModelFiles, rows: Rows, backend: str,
+                 options: dict):
+        ray = self.ray = cluster.ray
+        self.cluster, self.size = cluster, size
+        if cluster.address != "auto" and files.files is None:
             files = ModelFiles.shipped(files.path, files.heads)
         actor = ray.remote(num_cpus=threads)(RemoteWorker)
         rows_ref, files_ref = ray.put(rows), ray.put(files)
@@ -130,5 +148,4 @@ class RayPool:
             except self.ray.exceptions.RayError:
                 pass
             self.ray.kill(actor)
-        if self.started:
-            self.ray.shutdown()
+        self.cluster.close()
