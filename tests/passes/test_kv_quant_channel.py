@@ -47,6 +47,10 @@ def test_channel_cache_runs_fused_in_place_and_matches_its_programs(tiny_decoder
     assert attributes["k_quant_type"] == "PER_CHANNEL" and attributes["kv_cache_bit_width"] == bits
     assert attributes["do_rotary"] == 1 and attention[0].input[1] == ""  # rotary inside, QKV packed
     assert engine.runners["decode"].in_place_cache
+    prefill = onnx.load(str(engine.folder / "prefill.onnx"), load_external_data=False).graph
+    prompt_attention = [n for n in prefill.node if n.op_type == "GroupQueryAttention"]
+    assert len(prompt_attention) == 2  # a prompt attends in full precision over what its codes stand for
+    assert not any(a.name == "k_quant_type" for n in prompt_attention for a in n.attribute)
     ids = np.random.default_rng(0).integers(3, 300, (2, 10))
     mask = np.ones_like(ids)
     mask[1, :3] = 0

@@ -55,27 +55,47 @@ def _group_query_attention(q, k, v, past_key, past_value, bias, seqlens_k, total
                            interleaved: bool):
     """`skim_ort::group_query_attention` as GroupQueryAttention: its operands are the kernel's own
     (token-major, lengths computed), so it maps input for input. A quantized cache's scales
-    select the kernel's per-channel codes; its prefill gets an empty cache of codes, from which
-    the kernel learns their type."""
+    select the kernel's per-channel codes at decode steps. A prefill (no past) quantizes its keys
+    and values itself and attends in full precision over what the codes stand for: the same
+    numbers, but the kernel's quantized-cache path takes 5 times as long at a 2,000-token prompt
+    (197 against 41 ms a layer, measured here), and a prompt is attended once."""
     attributes = {"do_rotary": 1, "rotary_interleaved": int(interleaved)} if cos is not None else {}
+    if k_scale is not None and past_key is None:
+        (k, key_codes), (v, value_codes) = (_through_codes(x, s, kv_heads, bits) for x, s in ((k, k_scale), (v, v_scale)))
+        output, _, _ = _ms().GroupQueryAttention(q, k, v, None, None, seqlens_k, total_length, cos, sin, positions,
+                                                 bias, None, None, None, None, None, query_lengths, num_heads=heads,
+                                                 kv_num_heads=kv_heads, scale=scale, **attributes)
+        return output, key_codes, value_codes
     if k_scale is not None:
         attributes.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=bits)
-        if past_key is None:
-            past_key = past_value = _empty_codes(k, kv_heads, bits)
     return _ms().GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_length, cos, sin, positions,
                                      bias, None, k_scale, v_scale, None, None, query_lengths, num_heads=heads,
                                      kv_num_heads=kv_heads, scale=scale, **attributes)
 
 
-def _empty_codes(k, kv_heads: int, bits: int):
-    """`[B, H_kv, 0, D * bits / 8]` codes for the token-major keys `k [B, S, H_kv * D]`."""
+def _through_codes(x, scale, kv_heads: int, bits: int):
+    """Token-major keys or values `x [B, S, H_kv * D]` with per-channel `scale [1, H_kv, 1, D]`:
+    what their codes stand for (token-major), and the codes as the kernel caches them,
+    `[B, H_kv, S, D]` int8 or, for 4 bits, `[B, H_kv, S, D / 2]` uint8 (`code + 8`, the even
+    channel in the low nibble): `kernels.channel_quant`'s format."""
     import onnx
     from onnxscript import opset18 as op
 
-    code = onnx.TensorProto.INT8 if bits == 8 else onnx.TensorProto.UINT8
-    width = k.shape[2] // kv_heads * bits // 8
-    shape = op.Concat(op.Shape(k, start=0, end=1), op.Constant(value_ints=[kv_heads, 0, width]), axis=0)
-    return op.ConstantOfShape(shape, value=onnx.helper.make_tensor("zero", code, [1], [0]))
+    low, high = (-128.0, 127.0) if bits == 8 else (-8.0, 7.0)
+    channels = op.Reshape(scale, op.Constant(value_ints=[1, 1, -1]))
+    codes = op.Clip(op.Round(op.Div(x, channels)), op.CastLike(op.Constant(value_float=low), x),
+                    op.CastLike(op.Constant(value_float=high), x))
+    width = x.shape[2] // kv_heads
+    head_major = op.Transpose(op.Reshape(codes, op.Constant(value_ints=[0, 0, kv_heads, width])), perm=[0, 2, 1, 3])
+    if bits == 8:
+        cached = op.Cast(head_major, to=onnx.TensorProto.INT8)
+    else:
+        pairs = op.Reshape(op.Cast(op.Add(head_major, op.CastLike(op.Constant(value_float=8.0), x)),
+                                   to=onnx.TensorProto.INT32), op.Constant(value_ints=[0, 0, 0, width // 2, 2]))
+        low_nibble, high_nibble = op.Split(pairs, num_outputs=2, axis=-1)
+        packed = op.Add(low_nibble, op.Mul(high_nibble, op.CastLike(op.Constant(value_int=16), high_nibble)))
+        cached = op.Cast(op.Squeeze(packed, op.Constant(value_ints=[-1])), to=onnx.TensorProto.UINT8)
+    return op.Mul(codes, channels), cached
 
 
 def _ms():
