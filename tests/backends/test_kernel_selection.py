@@ -117,6 +117,7 @@ def test_int4_weights_are_matmul_nbits_with_reported_fidelity(tiny_decoder, tmp_
     ops = op_counts(engine.folder / "decode.onnx")
     assert ops["com.microsoft:MatMulNBits"] >= 7 and ops["com.microsoft:GroupQueryAttention"] == 2
     assert ops["MatMul"] == 0  # the tied LM head too: its weight is the embedding table, transposed
+    assert ops["com.microsoft:GatherBlockQuantized"] == 1  # the embedding's lookup, in 4 bits as well
     report = (engine.folder / "report.json").read_text()
     assert '"lossy": true' in report and '"min_cosine"' in report
 
@@ -133,7 +134,8 @@ def test_int4_weights_quantize_a_tied_lm_head(tmp_path):
     export_model(tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=300, n_embd=64, n_layer=1, n_head=4)), tmp_path / "gpt2")
     engine = optimize(tmp_path / "gpt2", output=tmp_path / "eng", backend_options={"weights": "int4"})
     ops = op_counts(engine.folder / "decode.onnx")
-    assert ops["MatMul"] == 0 and ops["com.microsoft:MatMulNBits"] == 1  # its other projections are Gemm
+    assert ops["MatMul"] == ops["Gemm"] == 0  # its projections were Gemms of Conv1D weights
+    assert ops["com.microsoft:MatMulNBits"] == 5  # 4 projections and the head
 
 
 def test_backend_options_are_checked(tiny_decoder, tmp_path):
