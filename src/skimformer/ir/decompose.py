@@ -121,4 +121,3 @@ def _decompose_graph(graph: fx.Graph, ops: set, table: dict, traced: dict[str, t
                 traced[key] = (_traced_decomposition(node, table), spelling)
             sub, traced_on = traced[key]
             _inline(graph, node, sub, resized=spelling != traced_on)
-

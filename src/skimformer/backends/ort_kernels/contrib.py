@@ -82,20 +82,20 @@ def _through_codes(x, scale, kv_heads: int, bits: int):
     from onnxscript import opset18 as op
 
     low, high = (-128.0, 127.0) if bits == 8 else (-8.0, 7.0)
-    channels = op.Reshape(scale, op.Constant(value_ints=[1, 1, -1]))
-    codes = op.Clip(op.Round(op.Div(x, channels)), op.CastLike(op.Constant(value_float=low), x),
-                    op.CastLike(op.Constant(value_float=high), x))
+    channels = op.Reshape(scale, op.Constant(value_ints=[1, 1, -1]))  # computed in the scales' dtype, as the reference
+    codes = op.Clip(op.Round(op.Div(op.CastLike(x, scale), channels)), op.CastLike(op.Constant(value_float=low), scale),
+                    op.CastLike(op.Constant(value_float=high), scale))
     width = x.shape[2] // kv_heads
     head_major = op.Transpose(op.Reshape(codes, op.Constant(value_ints=[0, 0, kv_heads, width])), perm=[0, 2, 1, 3])
     if bits == 8:
         cached = op.Cast(head_major, to=onnx.TensorProto.INT8)
     else:
-        pairs = op.Reshape(op.Cast(op.Add(head_major, op.CastLike(op.Constant(value_float=8.0), x)),
+        pairs = op.Reshape(op.Cast(op.Add(head_major, op.CastLike(op.Constant(value_float=8.0), scale)),
                                    to=onnx.TensorProto.INT32), op.Constant(value_ints=[0, 0, 0, width // 2, 2]))
         low_nibble, high_nibble = op.Split(pairs, num_outputs=2, axis=-1)
         packed = op.Add(low_nibble, op.Mul(high_nibble, op.CastLike(op.Constant(value_int=16), high_nibble)))
         cached = op.Cast(op.Squeeze(packed, op.Constant(value_ints=[-1])), to=onnx.TensorProto.UINT8)
-    return op.Mul(codes, channels), cached
+    return op.CastLike(op.Mul(codes, channels), x), cached
 
 
 def _ms():
