@@ -15,11 +15,10 @@ decomposition cannot be traced alone, the exporter decomposes the program as it 
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.fx as fx
 
+from skimformer.backends.exporter_step import exporter_step_replaced
 from skimformer.ir.decompose import decomposed_node_by_node
 from skimformer.ir.graph import program_graphs
 
@@ -61,20 +60,15 @@ def respelled(ep: torch.export.ExportedProgram, decomposed: set, table: dict) ->
     return decomposed_node_by_node(ep, decomposed, table, edit=_respell)
 
 
-@contextlib.contextmanager
 def decompose_only_when_needed():
     """Within the block, the exporter's decomposition step returns the program respelled with
     its skim ops decomposed node by node when nothing else needs decomposing, and decomposes any
-    other program as before. A torch whose exporter is laid out differently keeps its own step."""
-    try:
-        from torch.onnx._internal.exporter import _decomp, _fx_passes
-    except ImportError:
-        yield
-        return
-    decompose = getattr(_fx_passes, "decompose_with_registry", None)
-    if decompose is None:
-        yield
-        return
+    other program as before."""
+    return exporter_step_replaced("decompose_with_registry", _when_needed)
+
+
+def _when_needed(decompose):
+    from torch.onnx._internal.exporter import _decomp
 
     def when_needed(ep, registry):
         implemented = set(_decomp.get_onnx_implemented_overloads(registry))
@@ -89,8 +83,4 @@ def decompose_only_when_needed():
                 return plain
         return decompose(ep, registry)
 
-    _fx_passes.decompose_with_registry = when_needed
-    try:
-        yield
-    finally:
-        _fx_passes.decompose_with_registry = decompose
+    return when_needed

@@ -8,10 +8,10 @@ program in which some operand would be cast goes through the exporter's pass.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.fx as fx
+
+from skimformer.backends.exporter_step import exporter_step_replaced
 
 
 def _would_cast(arg, dtype: torch.dtype | None, scalar_dtype) -> bool:
@@ -52,26 +52,12 @@ def needs_promotion(module: fx.GraphModule) -> bool:
     return False
 
 
-@contextlib.contextmanager
 def promote_only_when_needed():
-    """Within the block, the exporter's type promotion runs only on programs that need a cast.
-    A torch whose exporter is laid out differently keeps its own step."""
-    try:
-        from torch.onnx._internal.exporter import _fx_passes
-    except ImportError:
-        yield
-        return
-    promote = getattr(_fx_passes, "insert_type_promotion_nodes", None)
-    if promote is None:
-        yield
-        return
+    """Within the block, the exporter's type promotion runs only on programs that need a cast."""
+    def replacement(promote):
+        def when_needed(graph_module):
+            if needs_promotion(graph_module):
+                promote(graph_module)
+        return when_needed
 
-    def when_needed(graph_module):
-        if needs_promotion(graph_module):
-            promote(graph_module)
-
-    _fx_passes.insert_type_promotion_nodes = when_needed
-    try:
-        yield
-    finally:
-        _fx_passes.insert_type_promotion_nodes = promote
+    return exporter_step_replaced("insert_type_promotion_nodes", replacement)

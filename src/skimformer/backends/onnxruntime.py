@@ -125,8 +125,6 @@ def _fold_weight_transposes(graph) -> None:
     """Give every MatMul that reads a transposed weight (a tied LM head: the embedding table,
     `Transpose`d) the transposed weight as a constant of its own, which the quantizer takes
     (it quantizes only constant weights). The float table stays for the embedding's lookup."""
-    from onnx import numpy_helper
-
     initializers = {i.name: i for i in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
     for node in graph.node:
@@ -134,15 +132,21 @@ def _fold_weight_transposes(graph) -> None:
         if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in initializers:
             continue
         perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), [1, 0])
-        weight = numpy_helper.to_array(initializers[transpose.input[0]])
-        if weight.ndim != 2 or perm != [1, 0]:
+        if len(initializers[transpose.input[0]].dims) != 2 or perm != [1, 0]:
             continue
-        folded = numpy_helper.from_array(weight.T.copy(), name=f"{transpose.input[0]}_transposed")
-        graph.initializer.append(folded)
-        node.input[1] = folded.name
+        node.input[1] = _transposed_initializer(graph, initializers[transpose.input[0]])
     used = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
     for node in [n for n in graph.node if n.op_type == "Transpose" and not set(n.output) & used]:
         graph.node.remove(node)
+
+
+def _transposed_initializer(graph, weight) -> str:
+    """The name of a new initializer of `graph` holding the 2-D `weight` transposed."""
+    from onnx import numpy_helper
+
+    transposed = numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), name=f"{weight.name}_transposed")
+    graph.initializer.append(transposed)
+    return transposed.name
 
 
 def _gemms_as_matmuls(graph) -> None:
@@ -150,7 +154,6 @@ def _gemms_as_matmuls(graph) -> None:
     MatMul of that weight (transposed where the Gemm transposes it) plus its bias: the quantizer
     takes MatMuls only, and these are most of such a model's weights."""
     import onnx
-    from onnx import numpy_helper
 
     initializers = {i.name: i for i in graph.initializer}
     for index, node in reversed(list(enumerate(graph.node))):
@@ -159,13 +162,8 @@ def _gemms_as_matmuls(graph) -> None:
                 or attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0
                 or attributes.get("beta", 1.0) != 1.0):
             continue
-        weight = numpy_helper.to_array(initializers[node.input[1]])
-        if attributes.get("transB", 0):
-            weight = numpy_helper.from_array(weight.T.copy(), name=f"{node.input[1]}_transposed")
-            graph.initializer.append(weight)
-            weight_name = weight.name
-        else:
-            weight_name = node.input[1]
+        weight_name = (_transposed_initializer(graph, initializers[node.input[1]]) if attributes.get("transB", 0)
+                       else node.input[1])
         biased = len(node.input) > 2 and node.input[2]
         product = f"{node.output[0]}_matmul" if biased else node.output[0]
         replacement = [onnx.helper.make_node("MatMul", [node.input[0], weight_name], [product], name=f"{node.name}_matmul")]

@@ -247,8 +247,7 @@ def _equal_sizes(layers: list[CacheLayer], parts_of: dict) -> list:
         val = layer.past_key.meta.get("val")
         first = first_of.setdefault(to_expr(val.shape[2]), layer.index) if val is not None else layer.index
         if first != layer.index:
-            same += [((parts_of[layer.index, "key"][p], 2), (parts_of[first, "key"][p], 2))
-                     for p in ("codes", "scale", "residual")]
+            same += [((key[p], 2), (parts_of[first, "key"][p], 2)) for p in ("codes", "scale", "residual")]
     return same
 
 

@@ -116,14 +116,13 @@ class Cluster:
     def close(self) -> None:
         if self.started:
             self.ray.shutdown()
-            self.started = False
 
 
 class RayPool:
     def __init__(self, cluster: Cluster, size: int, threads: int, files: ModelFiles, rows: Rows, backend: str,
                  options: dict):
         ray = self.ray = cluster.ray
-        self.cluster, self.size = cluster, size
+        self.size = size
         if cluster.address != "auto" and files.files is None:
             files = ModelFiles.shipped(files.path, files.heads)
         actor = ray.remote(num_cpus=threads)(RemoteWorker)
@@ -142,10 +141,9 @@ class RayPool:
                             "so far are in trials.jsonl: run the same command again to resume") from None
 
     def close(self) -> None:
-        for actor in getattr(self, "actors", []):
+        for actor in self.actors:
             try:
                 self.ray.get(actor.close.remote())
             except self.ray.exceptions.RayError:
                 pass
             self.ray.kill(actor)
-        self.cluster.close()

@@ -11,6 +11,7 @@ again had a gain within the machine's timing noise: the unoptimized engine repla
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -131,46 +132,41 @@ def tune_model(model: str | Path, budget: str | list[str] | list[Budget], out: s
     settings = {"format": FORMAT, "model": str(path), "model_digest": digest_files(path), "data": digest_arrays(data),
                 "budgets": [str(b) for b in budgets], "space": groups, "backend": backend, "backend_options": options,
                 "seed": seed, "batch": batch, "inputs": rows.describe()}
-    # joined before anything is written: a refused join leaves -o as it was
-    cluster, size = _cluster(ray, workers, threads, verbose)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with exclusive(out):
-            journal = Journal(out)
-            previous = journal.open(settings, force)
-            if previous:
-                progress(f"resuming: {len(previous)} trial(s) in {journal.path} are not run again")
-            heads = _exit_heads(loaded, rows, out, progress) if "exit" in groups else None
-            search_space = Space(facts, groups, heads)
-            progress(f"searching {', '.join(f'{g} ({d})' for g, d in search_space.describe().items())}; "
-                     f"budget {', '.join(map(str, budgets))}; {rows.rows} search rows, "
-                     f"{len(next(iter(rows.held_out.values())))} held out")
-            pool = _pool(cluster, size, threads, path, heads, rows, backend, options, progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # the cluster is joined before anything is written: a refused join leaves -o as it was
+    with _joined(ray, workers, threads, verbose) as (cluster, size), exclusive(out):
+        journal = Journal(out)
+        previous = journal.open(settings, force)
+        if previous:
+            progress(f"resuming: {len(previous)} trial(s) in {journal.path} are not run again")
+        heads = _exit_heads(loaded, rows, out, progress) if "exit" in groups else None
+        search_space = Space(facts, groups, heads)
+        progress(f"searching {', '.join(f'{g} ({d})' for g, d in search_space.describe().items())}; "
+                 f"budget {', '.join(map(str, budgets))}; {rows.rows} search rows, "
+                 f"{len(next(iter(rows.held_out.values())))} held out")
+        pool = _pool(cluster, size, threads, path, heads, rows, backend, options, progress)
+        try:
+            search = Search(search_space, budgets, pool, journal, seed, progress)
+            search.replay(previous)
+            records = search.run(trials, None if time_limit is None else start + time_limit)
+            checker = pool.worker if isinstance(pool, LocalPool) else Worker(path, rows, backend, options, threads)
             try:
-                search = Search(search_space, budgets, pool, journal, seed, progress)
-                search.replay(previous)
-                records = search.run(trials, None if time_limit is None else start + time_limit)
-                checker = pool.worker if isinstance(pool, LocalPool) else Worker(path, rows, backend, options, threads)
-                try:
-                    engine, chosen, unconfirmed, check = _final_engine(loaded, out / "engine", choose(records), checker,
-                                                                       backend, options, rows, progress, warn)
-                finally:
-                    if checker is not getattr(pool, "worker", None):
-                        checker.close()
+                engine, chosen, unconfirmed, check = _final_engine(loaded, out / "engine", choose(records), checker,
+                                                                   backend, options, rows, progress, warn)
             finally:
-                pool.close()
-            front = pareto_front(records, budgets[0])
-            summary = _summary(out, settings, search_space, rows, budgets, records, chosen, unconfirmed, front, check,
-                               time.monotonic() - start)
-            not_drawn = plot(out / "trials.png", records, front, budgets, chosen)
-            summary["plot"] = None if not_drawn else str(out / "trials.png")
-            summary["notes"] += [not_drawn] if not_drawn else []
-            write_best(out / "best.yaml", chosen, str(model), budgets, backend)
-            with atomic_file(out / "summary.json") as tmp:
-                tmp.write_text(json.dumps(summary, indent=2, default=float))
-    finally:
-        if cluster is not None:
-            cluster.close()
+                if checker is not getattr(pool, "worker", None):
+                    checker.close()
+        finally:
+            pool.close()
+        front = pareto_front(records, budgets[0])
+        summary = _summary(out, settings, search_space, rows, budgets, records, chosen, unconfirmed, front, check,
+                           time.monotonic() - start)
+        not_drawn = plot(out / "trials.png", records, front, budgets, chosen)
+        summary["plot"] = None if not_drawn else str(out / "trials.png")
+        summary["notes"] += [not_drawn] if not_drawn else []
+        write_best(out / "best.yaml", chosen, str(model), budgets, backend)
+        with atomic_file(out / "summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2, default=float))
     return TuneResult(out, chosen, front, records, engine, summary)
 
 
@@ -200,18 +196,19 @@ def _exit_heads(model, rows: Rows, out: Path, progress) -> str:
     return str(path.resolve())
 
 
-def _cluster(ray: str | None, workers: int | None, threads: int | None, verbose: bool):
-    """The Ray cluster and its worker count, or (None, None) without `--ray`."""
+@contextlib.contextmanager
+def _joined(ray: str | None, workers: int | None, threads: int | None, verbose: bool):
+    """For the block, the Ray cluster and its worker count, or (None, None) without `--ray`."""
     if ray is None:
-        return None, None
+        yield None, None
+        return
     from skimformer.tuning.ray_pool import Cluster
 
     cluster = Cluster(ray, verbose)
     try:
-        return cluster, cluster.workers(workers, threads or 1)
-    except UserError:
+        yield cluster, cluster.workers(workers, threads or 1)
+    finally:
         cluster.close()
-        raise
 
 
 def _pool(cluster, size, threads, path, heads, rows, backend, options, progress):
