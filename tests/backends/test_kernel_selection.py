@@ -155,18 +155,25 @@ def test_the_report_says_which_execution_provider_ran(fused):
     assert fused.runners["decode"].provider in ort.get_available_providers()
 
 
-@pytest.mark.parametrize("spec, fused_roles", [
-    ("prompt-prune(layer=0, keep=0.5)", {"decode"}),
-    ("kv-evict(policy=snapkv, keep=0.5, window=4)", {"decode"}),
-    ("self-speculate(exit=1, draft=2)", {"prefill", "decode", "draft", "verify"}),
+@pytest.mark.parametrize("spec, fused, in_place", [
+    ("prompt-prune(layer=0, keep=0.5)", {"prefill": 2, "decode": 2}, True),
+    ("kv-evict(policy=snapkv, keep=0.5, window=4)", {"decode": 2}, True),
+    ("self-speculate(exit=1, draft=2)", {"prefill": 2, "decode": 2, "draft": 1, "verify": 1}, True),
+    ("kv-window(sink=2, window=6)", {"prefill": 2, "decode": 2}, False),
+    ("kv-evict(policy=h2o, keep=0.5)", {"prefill": 2, "decode": 2}, False),
+    ("early-exit(at=[0], threshold=0.2)", {"prefill": 2, "decode": 1}, False),  # the layer before the exit's If
 ])
-def test_passes_whose_decode_cache_grows_plainly_decode_fused(tiny_engine, spec, fused_roles):
-    """Prompt pruning and prefill-time eviction leave a plain growing cache to decode on, and a
-    self-speculative engine's draft and verify programs each grow their layers' caches: all of
-    them run GroupQueryAttention, and the engine still generates what its programs do."""
+def test_pass_engines_attend_with_the_fused_kernel(tiny_engine, spec, fused, in_place):
+    """Every layer of these engines' programs runs GroupQueryAttention: prompt pruning and
+    prefill-time eviction leave a plain growing cache to decode on; a self-speculative engine's
+    draft and verify programs each grow their layers' caches; a window and H2O's eviction gather
+    the cache they return from the one the kernel grows, so their cache is not kept in place (it
+    is a new, shorter tensor every step). The engine generates what its programs do, on a prompt
+    longer than the window and the eviction's budget."""
     engine = tiny_engine(spec)
-    for role in fused_roles:
-        assert op_counts(engine.folder / f"{role}.onnx")["com.microsoft:GroupQueryAttention"] >= 1, role
+    for role, layers in fused.items():
+        assert op_counts(engine.folder / f"{role}.onnx")["com.microsoft:GroupQueryAttention"] == layers, role
+    assert engine.runners["decode"].in_place_cache == in_place
     ids, mask = padded_prompt(rows=1, pad=(0,))
     want = generate(torch_runner(load(engine.folder)), ids, 8, mask).ids
     np.testing.assert_array_equal(engine.generate(ids, 8, mask), want)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx_ir.passes.common as ir_passes
 import torch
 
 from skimformer.backends.onnx_cleanup import clean_up
@@ -192,6 +193,9 @@ def export_onnx(program: Program, ep: torch.export.ExportedProgram, path: Path, 
         value.name = name + SAME_AS_INPUT if name in inputs else name
     if rewrite is not None:
         rewrite(onnx_program.model)
+        # values a rule adds are named by a counter that does not know the initializers lifted
+        # from an exit's subgraphs: names can collide
+        ir_passes.NameFixPass()(onnx_program.model)
     with _quiet():
         onnx_program.save(str(path), external_data=True)
 
@@ -250,13 +254,16 @@ class Runner:
 
 
 def _cache_in_place(path: Path) -> bool:
-    """Whether every `past_*` input is read only by GroupQueryAttention (or for its batch size),
-    so that a buffer larger than the tokens it holds can be bound to it and updated in place."""
+    """Whether every `past_*` input is read only by GroupQueryAttention (or for its batch size)
+    and every `present_*` output is what one writes, so that a buffer larger than the tokens it
+    holds can be bound to both and updated in place (a cache the program gathers from the grown
+    one, a window or an eviction, is a new, shorter tensor every step)."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
     past = {i.name for i in graph.input if i.name.startswith("past_")}
-    if not past:
+    written = {name for node in graph.node if node.op_type == "GroupQueryAttention" for name in node.output[1:3]}
+    if not past or not {o.name for o in graph.output if o.name.startswith("present_")} <= written:
         return False
     for node in graph.node:
         for name in past.intersection(node.input):

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from skimformer.errors import UserError
-from skimformer.ir.attention import FUSED, sdpa_mask
+from skimformer.ir.attention import FUSED, find_attention, sdpa_mask
 from skimformer.ir.graph import op_name, shape
+from skimformer.ir.signature import input_nodes, named_outputs
 from skimformer.ir.sizes import same_shape, same_size, to_expr
-from skimformer.passes.kv_rewrite import CacheLayer, cache_layers
+from skimformer.passes.kv_rewrite import CacheLayer, cache_layers, reaches
 
 # Ops whose output is their input's values, element for element (a cast rounds, no more).
 COPIES = frozenset({"clone", "contiguous", "alias", "detach", "lift_fresh_copy", "to", "_to_copy"})
@@ -124,12 +125,9 @@ def _reads_whole(attention_input: fx.Node, cache: fx.Node) -> bool:
     repeat_kv's head expansion, with the cache's batch, token count and head dim."""
     node = attention_input
     while node is not cache:
-        source = _passed_on(node)
-        if source is None and op_name(node) in HEAD_REPEATS and isinstance(node.args[0], fx.Node):
-            source = node.args[0]
-        if source is None:
+        node = _read_from(node)
+        if node is None:
             return False
-        node = source
     got, want = shape(attention_input), shape(cache)
     return got is not None and want is not None and len(got) == len(want) == 4 \
         and all(same_size(got[i], want[i]) for i in (0, TOKENS, 3))
@@ -163,6 +161,59 @@ def cache_attentions(module: fx.GraphModule, pass_name: str) -> tuple[list[Cache
         layers = cache_layers(module, pass_name)
     except UserError as e:
         return [], [str(e)]
+    return _qualifying(layers)
+
+
+def read_cache_attentions(module: fx.GraphModule) -> tuple[list[CacheAttention], list[str]]:
+    """Like `cache_attentions`, for a program whose cache outputs are made from the cache its
+    attention reads rather than being it: a window or an eviction gathered from the grown cache,
+    as kv-window and kv-evict(policy=h2o) write. In a decode step each layer is found from its
+    past input (`past_key_{i}`); in a prefill (no past) every attention is a layer's, in order.
+    A layer's `key`/`value` are then the caches the attention reads (the concatenation with the
+    past, or the step's keys), whose other readers (the gather, the eviction's scores) a rewrite
+    must keep fed."""
+    inputs, sites = input_nodes(module), find_attention(module.graph)
+    pasts = {int(name.removeprefix("past_key_")): (node, inputs.get(f"past_value_{name.removeprefix('past_key_')}"))
+             for name, node in inputs.items() if name.startswith("past_key_") and name[9:].isdigit()}
+    if not any(name.startswith("present_key_") for name in named_outputs(module)):
+        return [], ["the program returns no cache"]
+    layers = []
+    if not pasts:
+        for index, site in enumerate(sites):
+            key, value = _read_cache(site.k, None), _read_cache(site.v, None)
+            layers.append(CacheLayer(index, key, value, None, None, site))
+    for index, (past_key, past_value) in sorted(pasts.items()):
+        site = next((s for s in sites if past_value is not None and reaches(s.k, past_key)
+                     and reaches(s.v, past_value)), None)
+        if site is not None:
+            key, value = _read_cache(site.k, past_key), _read_cache(site.v, past_value)
+            if key is not None and value is not None:
+                layers.append(CacheLayer(index, key, value, past_key, past_value, site))
+    return _qualifying(layers)
+
+
+def _read_cache(attention_input: fx.Node, past: fx.Node | None) -> fx.Node | None:
+    """The cache attention reads through whole copies and repeat_kv's head expansion: with a
+    `past`, the token concatenation (None if there is none); without, the keys themselves."""
+    node = attention_input
+    while node is not None and not (past is not None and _is_token_cat(node)):
+        source = _read_from(node)
+        if source is None and past is None:
+            return node
+        node = source
+    return node
+
+
+def _read_from(node: fx.Node) -> fx.Node | None:
+    """What `node` reads whole, as attention reads its cache: the source of a whole copy or of
+    repeat_kv's head expansion; None for any other op."""
+    source = _passed_on(node)
+    if source is None and op_name(node) in HEAD_REPEATS and isinstance(node.args[0], fx.Node):
+        source = node.args[0]
+    return source
+
+
+def _qualifying(layers: list[CacheLayer]) -> tuple[list[CacheAttention], list[str]]:
     found, skipped = [], []
     for layer in layers:
         k_new, v_new = _new_tokens(layer.key, layer.past_key), _new_tokens(layer.value, layer.past_value)

@@ -134,7 +134,7 @@ def fuse_cache_attention(module: fx.GraphModule, graph: fx.Graph, first_input: f
     model's."""
     same = {n.name: n for n in graph.nodes}
     node_in = lambda n: n if n is None else same[n.name]  # noqa: E731
-    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    order = {n: i for i, n in enumerate(graph.nodes)}  # nodes the rewrite inserts come after all of these
     lengths: dict[fx.Node | None, _Lengths] = {}
     tables = _TableSource(module, graph, first_input, tolerance)
     sites = _sites(module)
@@ -158,18 +158,20 @@ def fuse_cache_attention(module: fx.GraphModule, graph: fx.Graph, first_input: f
             node.meta["skim"] = "kernel-selection"
             attended, key, value = (graph.call_function(operator.getitem, (node, i)) for i in range(3))
         _replace_output(graph, node_in(site.output), attended, q_heads)
+        # the grown cache's readers after attention (the outputs, a window's gather, an
+        # eviction's scores) read the op's; those before it only feed the attention replaced
+        after = order[node_in(site.output)]
         for old, new in ((site.key, key), (site.value, value)):
-            if site.bits:
-                node_in(old).replace_all_uses_with(new)
-            else:
-                out.replace_input_with(node_in(old), new)
+            node_in(old).replace_all_uses_with(new, delete_user_cb=lambda user: order.get(user, len(order)) > after)
     return len(sites), tables.constants
 
 
 def _sites(module: fx.GraphModule) -> list[_Site]:
-    from skimformer.passes.cache_attention import cache_attentions
+    from skimformer.passes.cache_attention import cache_attentions, read_cache_attentions
 
     found, _ = cache_attentions(module, "kernel selection")
+    if not found:  # a decode program that returns a window or an eviction of the cache it grows
+        found, _ = read_cache_attentions(module)
     sites = [_Site(c.layer.attention.q, c.k_new, c.v_new, c.layer.past_key, c.layer.past_value, c.mask, c.scale,
                    c.layer.attention.node, c.layer.key, c.layer.value) for c in found]
     for node in module.graph.nodes:
