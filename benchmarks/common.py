@@ -39,6 +39,12 @@ def interleaved_ms(fns: list, warmup: int = 1, runs: int = 5, budget_s: float = 
     """Median wall time in milliseconds of each of `fns`, run round-robin (one call of each per
     round) so that every function sees the same machine state; after `min_runs` rounds, stops at
     `runs` rounds or when `budget_s` is spent."""
+    return [statistics.median(s) for s in interleaved_samples(fns, warmup, runs, budget_s, min_runs)]
+
+
+def interleaved_samples(fns: list, warmup: int = 1, runs: int = 5, budget_s: float = 60.0,
+                        min_runs: int = 3) -> list[list[float]]:
+    """`interleaved_ms`' samples: per function, its milliseconds round by round."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -48,7 +54,7 @@ def interleaved_ms(fns: list, warmup: int = 1, runs: int = 5, budget_s: float = 
             t = time.perf_counter()
             fn()
             out.append((time.perf_counter() - t) * 1e3)
-    return [statistics.median(s) for s in samples]
+    return samples
 
 
 class Sections:

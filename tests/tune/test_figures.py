@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from skimformer.tuning import Budget
-from skimformer.tuning.figures import decoder_figures, encoder_figures
+from skimformer.tuning.figures import decoder_figures, encoder_figures, paired_ratio
 from skimformer.tuning.search import describe
 
 
@@ -60,3 +60,13 @@ def test_decoder_figures_bound_each_metric_per_position():
 
 def test_figures_of_earlier_runs_without_bounds_are_judged_on_their_values():
     assert Budget("cosine", 0.99).violation({"cosine": 0.995}) == pytest.approx(-0.005)
+
+
+def test_speed_is_the_paired_rounds_ratio_with_a_bound_below_it():
+    """Each round times both engines back to back: a machine that slows down for a while slows
+    both, and the rounds' ratios stay steady; a gain as large as the rounds' spread is not one."""
+    drift = np.array([1.0, 1.0, 1.6, 1.6, 1.0, 1.3, 1.0, 1.0])
+    steady = paired_ratio(list(30 * drift), list(24 * drift))
+    assert steady["ratio"] == pytest.approx(1.25) and steady["ratio_bound"] == pytest.approx(1.25)
+    noisy = paired_ratio([30, 25, 31, 24, 30, 26], [24, 30, 25, 29, 24, 28])
+    assert noisy["ratio"] > 1.0 and noisy["ratio_bound"] < 1.0

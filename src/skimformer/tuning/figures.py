@@ -19,7 +19,10 @@ small drop whose bound is two points, where one that changes no prediction is ex
 Speed is a ratio to the unoptimized engine timed in the same process, the two run in alternation
 (so drift in a machine's speed falls on both, and workers of different speeds give comparable
 ratios): an encoder's time per call on a batch of search rows; a decoder's time for a request,
-the prefill of a prompt plus its decode steps (`backends.measure`).
+the prefill of a prompt plus its decode steps (`backends.measure`). It is the geometric mean of
+the rounds' paired ratios, with `ratio_bound`, its one-sided 90% lower bound: on a shared
+machine two timings of one engine differ by 10-20%, and a gain a search measured once can be
+that noise (a 17-token model measured 1.26x in a search and 0.89x in a benchmark an hour later).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 
 from skimformer.backends.engine import Engine
-from skimformer.backends.measure import measure_decoder
+from skimformer.backends.measure import summarize, timed_requests
 from skimformer.backends.teacher_forcing import Decoder, Run, forced_logits
 from skimformer.passes.fidelity import next_token_metrics
 
@@ -38,6 +41,7 @@ Z_90 = 1.2816  # the standard normal's 90% quantile: one-sided 90% bounds
 TIMING_S = 2.0  # an encoder's timing: at least MIN_RUNS calls of each engine, then until this is spent
 MIN_RUNS = 5
 DECODE_TOKENS = 16  # a decoder's request: the prompt's prefill, then these decode steps
+DECODER_ROUNDS = 5  # requests of each engine, alternating: the speed bound needs a few
 
 
 def encoder_figures(reference: np.ndarray, candidate: np.ndarray, name: str, mask: np.ndarray | None,
@@ -111,16 +115,26 @@ def encoder_speed(baseline: Engine, engine: Engine, feeds: dict[str, np.ndarray]
             e.run(feeds)
             out.append((time.perf_counter() - t) * 1e3)
     base, opt = (statistics.median(s) for s in samples)
-    return {"ratio": base / opt, "baseline_ms": round(base, 3), "optimized_ms": round(opt, 3), "runs": len(samples[0])}
+    return {**paired_ratio(*samples), "baseline_ms": round(base, 3), "optimized_ms": round(opt, 3),
+            "runs": len(samples[0])}
+
+
+def paired_ratio(baseline: list[float], optimized: list[float]) -> dict[str, float]:
+    """`ratio`, the geometric mean of the per-round time ratios baseline / optimized (each round
+    times both engines back to back), and `ratio_bound`, its one-sided 90% lower bound."""
+    logs = np.log(np.asarray(baseline, dtype=np.float64) / np.asarray(optimized, dtype=np.float64))
+    return _bounded("ratio", logs, floor=True, scale=lambda m: float(np.exp(m)))
 
 
 def decoder_speed(baseline: Engine, engine: Engine, vocab: int, prompt: int) -> dict:
     """A request's time (prefill of `prompt` tokens, then DECODE_TOKENS steps) of both engines,
     and its ratio; prefill and decode ratios alongside."""
-    m = measure_decoder(baseline, engine, vocab, prompt_tokens=prompt, decode_tokens=DECODE_TOKENS + 1)
-    steps = m["decode"]["tokens"]
-    request = {k: m["prefill"][f"{k}_ms"] + 1e3 * steps / m["decode"][f"{k}_tokens_per_s"]
-               for k in ("baseline", "optimized")}
-    return {"ratio": request["baseline"] / request["optimized"], "baseline_ms": round(request["baseline"], 2),
-            "optimized_ms": round(request["optimized"], 2), "prefill_ratio": m["prefill"]["ratio"],
-            "decode_ratio": m["decode"]["ratio"], "prompt_tokens": prompt, "decode_tokens": steps}
+    tokens = DECODE_TOKENS + 1
+    runs = timed_requests(baseline, engine, vocab, prompt, tokens, DECODER_ROUNDS)
+    m = summarize(runs, prompt, tokens)
+    request = {k: [1e3 * g.seconds for g in v] for k, v in runs.items()}
+    return {**paired_ratio(request["baseline"], request["optimized"]),
+            "baseline_ms": round(statistics.median(request["baseline"]), 2),
+            "optimized_ms": round(statistics.median(request["optimized"]), 2),
+            "prefill_ratio": m["prefill"]["ratio"], "decode_ratio": m["decode"]["ratio"], "prompt_tokens": prompt,
+            "decode_tokens": m["decode"]["tokens"]}

@@ -21,7 +21,7 @@ from skimformer.errors import UserError
 
 SETTINGS = "tune.json"
 TRIALS = "trials.jsonl"
-FORMAT = 1
+FORMAT = 2  # 2: trials carry speed_bound
 
 
 def digest_files(path: str | Path) -> str:

@@ -218,4 +218,4 @@ def summary_line(record: dict, budgets: list[Budget]) -> str:
     figures = ", ".join(f"{b.metric} {record['figures'][b.metric]:.4g}" for b in budgets
                         if b.metric in record["figures"])
     within = "within budget" if record["within_budget"] else f"outside: {describe(budgets, record['figures'])}"
-    return f"{record['speed']:.2f}x, {figures} ({within})"
+    return f"{record['speed']:.2f}x (90% bound {record['speed_bound']:.2f}), {figures} ({within})"

@@ -32,7 +32,7 @@ from skimformer.passes.spec import build_pipeline, parse_text
 from skimformer.tuning.budget import Budget, check_budgets, parse_budgets
 from skimformer.tuning.journal import FORMAT, Journal, digest_arrays, digest_files
 from skimformer.tuning.pool import LocalPool
-from skimformer.tuning.report import MIN_GAIN, choose, fastest_within, pareto_front, plot, table, write_best
+from skimformer.tuning.report import choose, faster, fastest_within, pareto_front, plot, table, write_best
 from skimformer.tuning.rows import Rows, tune_rows
 from skimformer.tuning.search import Search, describe, require_optuna, violations
 from skimformer.tuning.space import Facts, Space, space_groups
@@ -172,18 +172,24 @@ def tune_model(model: str | Path, budget: str | list[str] | list[Budget], out: s
 
 def _final_engine(model, folder: Path, chosen: dict | None, checker: Worker, backend: str, options: dict, rows: Rows,
                   progress, warn) -> tuple[Engine, dict | None, dict | None, dict]:
-    """Build the chosen engine and measure it on the held-out rows, timed again: a choice below
-    MIN_GAIN now was faster by timing noise, and the unoptimized engine replaces it. Returns the
-    engine, the choice, the unconfirmed one, and the check."""
+    """Build the chosen engine and measure it on the held-out rows, timed again: a choice that is
+    not faster beyond timing noise now was faster by timing noise, and the unoptimized engine
+    replaces it. Returns the engine, the choice, the unconfirmed one, and the check."""
     progress(f"building the engine of {'trial ' + str(chosen['trial']) if chosen else 'the unoptimized model'}")
     engine = _build(model, folder, chosen, backend, options, rows, progress, warn)
     progress("measuring the engine again on the held-out rows")
     check = checker.check(folder, timed=chosen is not None)  # not the unoptimized engine against itself
-    if chosen is None or check["speed"] >= MIN_GAIN:
+    if chosen is None or faster(check):
         return engine, chosen, None, check
-    progress(f"trial {chosen['trial']} is {check['speed']:.2f}x timed again: building the unoptimized engine")
+    progress(f"trial {chosen['trial']} is {_x(check)} timed again: building the unoptimized engine")
     engine = _build(model, folder, None, backend, options, rows, progress, warn)
-    return engine, None, {**chosen, "timed_again": check["speed"]}, checker.check(folder, timed=False)
+    return engine, None, {**chosen, "timed_again": check["speed"], "timed_again_bound": check["speed_bound"]}, \
+        checker.check(folder, timed=False)
+
+
+def _x(measured: dict, key: str = "speed") -> str:
+    """A speed with its bound: `1.26x (90% bound 1.10)`."""
+    return f"{measured[key]:.2f}x (90% bound {measured[key + '_bound']:.2f})"
 
 
 def _exit_heads(model, rows: Rows, out: Path, progress) -> str:
@@ -234,19 +240,19 @@ def _summary(out: Path, settings: dict, space: Space, rows: Rows, budgets: list[
     states = [r["state"] for r in records]
     fastest = fastest_within(records)
     if chosen is not None:
-        answer = f"chosen: trial {chosen['trial']}, {chosen['label']}: {chosen['speed']:.2f}x within {', '.join(map(str, budgets))}"
+        answer = f"chosen: trial {chosen['trial']}, {chosen['label']}: {_x(chosen)} within {', '.join(map(str, budgets))}"
     else:
-        best = (f"the fastest within it, trial {fastest['trial']} ({fastest['label']}), runs at {fastest['speed']:.2f}x"
-                if fastest else "no measured trial was within it")
+        best = (f"the fastest within it, trial {fastest['trial']} ({fastest['label']}), runs at {_x(fastest)}: "
+                "within timing noise" if fastest else "no measured trial was within it")
         if unconfirmed is not None:
             best = (f"the fastest within it, trial {unconfirmed['trial']} ({unconfirmed['label']}), ran at "
-                    f"{unconfirmed['speed']:.2f}x in the search and {unconfirmed['timed_again']:.2f}x timed again: "
-                    "timing noise")
+                    f"{_x(unconfirmed)} in the search and {_x(unconfirmed, 'timed_again')} timed again: timing noise")
         answer = (f"nothing within the budget ({', '.join(map(str, budgets))}) is faster than the unoptimized engine "
                   f"({best}): the engine built is the unoptimized one")
     # the held-out rows check what was measured on them, not its confidence bound
     measured = {k: v for k, v in check["figures"].items() if not k.endswith("_bound")}
-    held = {"figures": check["figures"], "speed": check.get("speed"), "timing": check.get("timing"),
+    held = {"figures": check["figures"], "speed": check.get("speed"), "speed_bound": check.get("speed_bound"),
+            "timing": check.get("timing"),
             "budget_metrics": [b.metric for b in budgets if b.metric in check["figures"]],
             "within_budget": max(violations(budgets, measured), default=0) <= 0}
     notes = []
@@ -258,10 +264,11 @@ def _summary(out: Path, settings: dict, space: Space, rows: Rows, budgets: list[
             "space": space.describe(), "inputs": rows.describe(), "backend": settings["backend"],
             "trials": {"total": len(records), **{s: states.count(s) for s in ("complete", "pruned", "failed")}},
             "chosen": None if chosen is None else {k: chosen[k] for k in ("trial", "pipeline", "weights", "speed",
-                                                                          "figures", "timing")},
+                                                                          "speed_bound", "figures", "timing")},
             "answer": answer, "held_out": held,
             "unconfirmed": None if unconfirmed is None else {k: unconfirmed[k] for k in ("trial", "label", "speed",
-                                                                                       "timed_again")},
+                                                                                       "speed_bound", "timed_again",
+                                                                                       "timed_again_bound")},
             "front": [{k: r.get(k) for k in ("trial", "label", "speed", "figures", "within_budget")} for r in front],
             "front_table": table(front, budgets), "engine": str(out / "engine"), "best": str(out / "best.yaml"),
             "trials_file": str(out / "trials.jsonl"), "plot": None, "notes": notes, "seconds": round(seconds, 1)}
