@@ -6,11 +6,13 @@ engines run here. Every measurement goes round-robin over all systems, so machin
 each alike; every engine uses the same thread count. Figures: prefill time at one prompt length,
 decode tokens/s after prompts of several lengths (prefill untimed, then `--steps` greedy steps
 timed), and each system's greedy tokens against genai fp32's over `--agree` tokens of a real
-prompt. Compressed caches also print their bytes ceiling: (weights + full KV bytes) /
-(weights + compressed KV bytes), the decode speed-up if decoding only streamed bytes.
+prompt. Compressed caches also print, after each prompt at batch 1, their bytes ceiling:
+(weights + full KV bytes) / (weights + compressed KV bytes), the decode speed-up if decoding
+only streamed bytes, and the share of it reached by their decode speed against the same
+weights with a full cache (`none`, or `int4`).
 
     python benchmarks/peers.py [--contexts 128,2000] [--batches 1] [--prefill 2000] [--steps 16]
-        [--systems none,portable,int4,genai-fp32,genai-int4,...] [--passes SPEC ...]
+        [--repeats 3] [--agree 128] [--systems none,portable,int4,genai-fp32,genai-int4,...]
 """
 from __future__ import annotations
 
@@ -100,7 +102,7 @@ class GenaiWorker:
 
 class SkimSystem:
     def __init__(self, name: str):
-        self.engine = skim_engine(name)
+        self.name, self.engine = name, skim_engine(name)
 
     def _session(self, steps: int):
         make = getattr(self.engine.backend, "decoding_cache", None)
@@ -129,8 +131,18 @@ class SkimSystem:
             position += 1
         return rows * steps / (time.perf_counter() - start), np.stack(tokens, 1)
 
-    def kv_bytes(self) -> int:
-        return int(json.loads((self.engine.folder / "report.json").read_text())["memory"]["kv_cache_bytes"])
+    def kv_bytes(self, ids: np.ndarray) -> int:
+        """Bytes of the cache the prefill of `ids` hands to decoding (codes, windows and evictions as kept)."""
+        out = self.engine.run(_prompt_feeds(ids))
+        return sum(v.nbytes for k, v in out.items() if k.startswith("present_"))
+
+    def weight_bytes(self) -> int:
+        """Bytes a decode step streams besides the cache: its engine file and weights."""
+        return sum(f.stat().st_size for f in self.engine.folder.glob("decode.onnx*"))
+
+    def uncompressed(self) -> str:
+        """The system with this one's weights and a full-precision cache."""
+        return "int4" if SKIM[self.name][1].get("weights") == "int4" else "none"
 
 
 class GenaiSystem:
@@ -170,6 +182,23 @@ def rounds(systems: dict, measure, repeats: int) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+def _ceilings(systems: dict, ids: np.ndarray, speed: dict, rows: dict, column: str) -> str:
+    """For each compressed cache: its bytes ceiling, (weights + full cache bytes) / (weights +
+    compressed cache bytes) after the prompt `ids`, and the share of it that its decode speed
+    against the same weights with a full cache reached."""
+    compressed = {n: s for n, s in systems.items() if isinstance(s, SkimSystem) and n not in ("none", "portable", "int4")}
+    if not compressed:
+        return column
+    full = (systems.get("none") or SkimSystem("none")).kv_bytes(ids)
+    for name, system in compressed.items():
+        weights = system.weight_bytes()
+        ceiling = (weights + full) / (weights + system.kv_bytes(ids))
+        reference = system.uncompressed()
+        reached = f", reached {speed[name] / speed[reference] / ceiling:.2f}" if reference in speed else ""
+        rows[name][column] = f"{ceiling:.2f}{reached}"
+    return column
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--systems", default="none,portable,int4,genai-fp32,genai-int4")
@@ -204,6 +233,8 @@ def main() -> None:
             columns.append(column)
             for name, tok_s in speed.items():
                 rows[name][column] = f"{tok_s:.1f} ({tok_s / speed[base]:.2f}x)"
+            if batch == 1:
+                columns.append(_ceilings(systems, ids, speed, rows, f"bytes ceiling @{context}"))
     progress(f"greedy agreement with {base} over {args.agree} tokens")
     ids = text_ids(256, 1)
     reference = systems[base].decode(ids, args.agree)[1]

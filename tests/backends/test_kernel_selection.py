@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
 from skimformer import UserError, load, optimize
 from skimformer.backends.generation import CopiedCache, generate
@@ -14,8 +15,13 @@ from tests.decoding import torch_runner
 
 
 def op_counts(path) -> Counter:
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return Counter(f"{n.domain}:{n.op_type}" if n.domain else n.op_type for n in graph.node)
+    """Ops of an ONNX file by domain and type, those of `If` branches included."""
+    counts, graphs = Counter(), [onnx.load(str(path), load_external_data=False).graph]
+    while graphs:
+        graph = graphs.pop()
+        counts.update(f"{n.domain}:{n.op_type}" if n.domain else n.op_type for n in graph.node)
+        graphs.extend(a.g for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
+    return counts
 
 
 @pytest.fixture
@@ -161,19 +167,68 @@ def test_the_report_says_which_execution_provider_ran(fused):
     ("self-speculate(exit=1, draft=2)", {"prefill": 2, "decode": 2, "draft": 1, "verify": 1}, True),
     ("kv-window(sink=2, window=6)", {"prefill": 2, "decode": 2}, False),
     ("kv-evict(policy=h2o, keep=0.5)", {"prefill": 2, "decode": 2}, False),
-    ("early-exit(at=[0], threshold=0.2)", {"prefill": 2, "decode": 1}, False),  # the layer before the exit's If
+    ("early-exit(at=[0], threshold=0.2)", {"prefill": 2, "decode": 2}, False),
 ])
 def test_pass_engines_attend_with_the_fused_kernel(tiny_engine, spec, fused, in_place):
     """Every layer of these engines' programs runs GroupQueryAttention: prompt pruning and
     prefill-time eviction leave a plain growing cache to decode on; a self-speculative engine's
     draft and verify programs each grow their layers' caches; a window and H2O's eviction gather
     the cache they return from the one the kernel grows, so their cache is not kept in place (it
-    is a new, shorter tensor every step). The engine generates what its programs do, on a prompt
-    longer than the window and the eviction's budget."""
+    is a new, shorter tensor every step); an exit's decode step fuses the layers before its `If`
+    and those inside the branch that runs them (its cache passes through the `If`, not in place).
+    The engine generates what its programs do, on a prompt longer than the window and the
+    eviction's budget."""
     engine = tiny_engine(spec)
     for role, layers in fused.items():
         assert op_counts(engine.folder / f"{role}.onnx")["com.microsoft:GroupQueryAttention"] == layers, role
     assert engine.runners["decode"].in_place_cache == in_place
+    ids, mask = padded_prompt(rows=1, pad=(0,))
+    want = generate(torch_runner(load(engine.folder)), ids, 8, mask).ids
+    np.testing.assert_array_equal(engine.generate(ids, 8, mask), want)
+
+
+@pytest.mark.parametrize("family, spec", [
+    ("bert", None),
+    ("distilbert", None),
+    ("vit", "tome(r=2)"),
+    ("bert", "prune(keep=0.5, at=[0])"),
+])
+def test_encoder_engines_attend_with_multi_head_attention(exported, tmp_path, family, spec):
+    """Every layer's attention runs MultiHeadAttention, with the model's mask (a padding mask, or
+    the bias of merged tokens) as its bias, and the engine computes what its program does on a
+    batch of three with padding."""
+    engine = optimize(exported(family), spec, output=tmp_path / "engine")
+    ops = op_counts(engine.folder / "model.onnx")
+    assert ops["com.microsoft:MultiHeadAttention"] == 2  # one per layer
+    if spec is None or spec.startswith("tome"):  # prune's scores keep their softmax
+        assert ops["Softmax"] == 0
+    if family == "vit":
+        feeds = {"pixel_values": np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)}
+    else:
+        ids, mask = padded_prompt(rows=3, length=10, pad=(0, 0, 0))
+        mask[1, 7:] = mask[2, 4:] = 0  # encoders pad on the right
+        feeds = {"input_ids": ids, "attention_mask": mask}
+    program = load(engine.folder / "program.pt2").programs["model"]
+    want = program.run({k: torch.as_tensor(v) for k, v in feeds.items()})["last_hidden_state"].numpy()
+    np.testing.assert_allclose(engine.run(feeds)["last_hidden_state"], want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_window_over_a_fused_qkv_model_types_the_kernel_outputs_it_reads(tmp_path):
+    """GPT-NeoX splits one QKV projection into chunks and rotates a quarter of the head dim, and
+    kv-window reads the grown cache the kernel returns. The exporter renames nodes when it
+    decomposes a program, so the kernel's outputs are typed by the names of what it translated:
+    typed by the program's own names they took the QKV chunks' shapes, and ONNX Runtime refused
+    the engine (a buffer of the step's 3 tokens reused for the cache's 11)."""
+    import transformers as tf
+
+    from skimformer.zoo import export_model
+
+    torch.manual_seed(0)
+    config = tf.GPTNeoXConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=128)
+    export_model(tf.GPTNeoXForCausalLM._from_config(config, attn_implementation="sdpa"), tmp_path / "neox")
+    engine = optimize(tmp_path / "neox", "kv-window(sink=2, window=6)", output=tmp_path / "engine")
+    assert op_counts(engine.folder / "decode.onnx")["com.microsoft:GroupQueryAttention"] == 2
     ids, mask = padded_prompt(rows=1, pad=(0,))
     want = generate(torch_runner(load(engine.folder)), ids, 8, mask).ids
     np.testing.assert_array_equal(engine.generate(ids, 8, mask), want)

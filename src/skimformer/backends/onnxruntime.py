@@ -185,8 +185,8 @@ def export_onnx(program: Program, ep: torch.export.ExportedProgram, path: Path, 
         onnx_program = torch.onnx.export(ep, (), dynamo=True, verbose=False, optimize=False,
                                          custom_translation_table=translations)
         clean_up(onnx_program.model)
-    if translations:
-        _type_untyped_values(onnx_program.model, ep)
+    if translations:  # named as the program the exporter translated: it decomposes `ep`, which renames nodes
+        _type_untyped_values(onnx_program.model, onnx_program.exported_program)
     outputs = onnx_program.model.graph.outputs
     inputs = set(program.input_names)
     for value, name in zip(outputs, program.output_names):

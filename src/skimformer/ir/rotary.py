@@ -79,8 +79,10 @@ def find_rotary(graph: fx.Graph, rotated: fx.Node, positions: fx.Node) -> Rotary
     others = [n for n in graph.nodes if n.op == "placeholder" and n is not positions]
     feeding = _rotation_inputs(rotated)
     # whole table computations (positions -> frequencies -> cos/sin), which reach the rotation
-    # through ops it does not use itself: stopping at `feeding` would replay cos of the old positions
-    tables = (descendants([positions]) - descendants(others)) & ancestors([rotated])
+    # through ops it does not use itself: stopping at `feeding` would replay cos of the old positions.
+    # Positions a pass computes (from the mask) read other inputs: what they reach through the
+    # positions alone is still the tables'.
+    tables = (descendants([positions]) - descendants(others, avoiding=positions)) & ancestors([rotated])
     mixing = _mixing(tables, feeding)
     if rotated not in mixing:
         return None

@@ -26,7 +26,7 @@ from skimformer.ir.attention import FUSED, find_attention, sdpa_mask
 from skimformer.ir.graph import op_name, shape
 from skimformer.ir.signature import input_nodes, named_outputs
 from skimformer.ir.sizes import same_shape, same_size, to_expr
-from skimformer.passes.kv_rewrite import CacheLayer, cache_layers, reaches
+from skimformer.passes.kv_rewrite import CacheLayer, cache_layers
 
 # Ops whose output is their input's values, element for element (a cast rounds, no more).
 COPIES = frozenset({"clone", "contiguous", "alias", "detach", "lift_fresh_copy", "to", "_to_copy"})
@@ -164,44 +164,47 @@ def cache_attentions(module: fx.GraphModule, pass_name: str) -> tuple[list[Cache
     return _qualifying(layers)
 
 
-def read_cache_attentions(module: fx.GraphModule) -> tuple[list[CacheAttention], list[str]]:
-    """Like `cache_attentions`, for a program whose cache outputs are made from the cache its
+def read_cache_attentions(module: fx.GraphModule, decode: bool | None = None) -> tuple[list[CacheAttention], list[str]]:
+    """Like `cache_attentions`, for a graph whose cache outputs are made from the cache its
     attention reads rather than being it: a window or an eviction gathered from the grown cache,
-    as kv-window and kv-evict(policy=h2o) write. In a decode step each layer is found from its
-    past input (`past_key_{i}`); in a prefill (no past) every attention is a layer's, in order.
-    A layer's `key`/`value` are then the caches the attention reads (the concatenation with the
-    past, or the step's keys), whose other readers (the gather, the eviction's scores) a rewrite
-    must keep fed."""
-    inputs, sites = input_nodes(module), find_attention(module.graph)
-    pasts = {int(name.removeprefix("past_key_")): (node, inputs.get(f"past_value_{name.removeprefix('past_key_')}"))
-             for name, node in inputs.items() if name.startswith("past_key_") and name[9:].isdigit()}
-    if not any(name.startswith("present_key_") for name in named_outputs(module)):
-        return [], ["the program returns no cache"]
+    as kv-window and kv-evict(policy=h2o) write, or an exit's branch (a `torch.cond` subgraph,
+    whose inputs and outputs have no names). In a decode step (`decode`; by default, when the
+    program has `past_key_*` inputs) a layer is an attention that reads the concatenation of a
+    graph input (its past cache) and the step's own keys; in a prefill every attention is a
+    layer's, in order. A layer's `key`/`value` are the caches the attention reads, whose other
+    readers (the gather, the eviction's scores, the branch's outputs) a rewrite must keep fed."""
+    if decode is None:
+        if not any(name.startswith("present_key_") for name in named_outputs(module)):
+            return [], ["the program returns no cache"]
+        decode = any(name.startswith("past_key_") for name in input_nodes(module))
     layers = []
-    if not pasts:
-        for index, site in enumerate(sites):
-            key, value = _read_cache(site.k, None), _read_cache(site.v, None)
-            layers.append(CacheLayer(index, key, value, None, None, site))
-    for index, (past_key, past_value) in sorted(pasts.items()):
-        site = next((s for s in sites if past_value is not None and reaches(s.k, past_key)
-                     and reaches(s.v, past_value)), None)
-        if site is not None:
-            key, value = _read_cache(site.k, past_key), _read_cache(site.v, past_value)
-            if key is not None and value is not None:
-                layers.append(CacheLayer(index, key, value, past_key, past_value, site))
+    for index, site in enumerate(find_attention(module.graph)):
+        key, value = _read_cache(site.k, decode), _read_cache(site.v, decode)
+        pasts = (_past_input(key), _past_input(value)) if decode else (None, None)
+        if key is not None and value is not None and (not decode or None not in pasts):
+            layers.append(CacheLayer(index, key, value, *pasts, site))
     return _qualifying(layers)
 
 
-def _read_cache(attention_input: fx.Node, past: fx.Node | None) -> fx.Node | None:
-    """The cache attention reads through whole copies and repeat_kv's head expansion: with a
-    `past`, the token concatenation (None if there is none); without, the keys themselves."""
+def _read_cache(attention_input: fx.Node, decode: bool) -> fx.Node | None:
+    """The cache attention reads through whole copies and repeat_kv's head expansion: in a decode
+    step the token concatenation (None if there is none); in a prefill the keys themselves."""
     node = attention_input
-    while node is not None and not (past is not None and _is_token_cat(node)):
+    while node is not None and not (decode and _is_token_cat(node)):
         source = _read_from(node)
-        if source is None and past is None:
+        if source is None and not decode:
             return node
         node = source
     return node
+
+
+def _past_input(cache: fx.Node | None) -> fx.Node | None:
+    """The graph input a grown cache concatenates the step's keys to, or None."""
+    if cache is None:
+        return None
+    parts = _token_parts(cache)
+    past = _unwrapped(parts[0]) if len(parts) == 2 else None
+    return past if past is not None and past.op == "placeholder" else None
 
 
 def _read_from(node: fx.Node) -> fx.Node | None:
@@ -234,6 +237,6 @@ def additive(graph: fx.Graph, mask: fx.Node | None) -> fx.Node | None:
 
     if mask is None or mask.meta["val"].dtype != torch.bool:
         return mask
-    return graph.call_function(torch.ops.aten.where.ScalarOther,
+    return graph.call_function(torch.ops.aten.where.Scalar,
                                (graph.call_function(torch.ops.aten.logical_not.default, (mask,)),
                                 torch.finfo(torch.float32).min, 0.0))

@@ -15,6 +15,7 @@ import torch.fx as fx
 from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
 from skimformer.backends.ort_kernels.attention import fuse_cache_attention
+from skimformer.backends.ort_kernels.encoder_attention import fuse_encoder_attention
 from skimformer.ir import Program
 from skimformer.ir.rewrite import eliminate_dead_code, on_graph
 
@@ -31,7 +32,11 @@ def select_graph_kernels(program: Program) -> Program:
     specs = ep.graph_signature.input_specs
     first_user = next(i for i, s in enumerate(specs) if s.kind == InputKind.USER_INPUT)
     first_input = [n for n in gm.graph.nodes if n.op == "placeholder"][first_user]  # placeholders follow the specs
-    fused, constants = fuse_cache_attention(program.module, gm.graph, first_input, tolerance(program.precision))
+    if any(name.startswith("present_") for name in program.output_names):
+        fused, constants = fuse_cache_attention(program.module, gm.graph, first_input, tolerance(program.precision))
+        fused += _fuse_in_branches(gm, tolerance(program.precision))
+    else:
+        fused, constants = fuse_encoder_attention(gm.graph), {}
     if not fused:
         return program
     eliminate_dead_code(gm.graph)
@@ -41,6 +46,27 @@ def select_graph_kernels(program: Program) -> Program:
              for name in constants]
     lowered = on_graph(ep, gm, [*specs[:first_user], *added, *specs[first_user:]], constants)
     return program.with_ep(lowered)
+
+
+def _fuse_in_branches(gm: fx.GraphModule, tolerance: float) -> int:
+    """Fuse the decode layers inside exits' branches (`torch.cond` subgraphs: the layers after an
+    exit run in one); returns how many were. Each branch is rewritten in a copy, set on `gm` in
+    its place: `gm` shares its submodules with the program's own graph module."""
+    fused = 0
+    for node in gm.graph.nodes:
+        if node.target is not torch.ops.higher_order.cond:
+            continue
+        for branch_node in node.args[1:3]:
+            branch = getattr(gm, branch_node.target)
+            copied = fx.GraphModule(branch, copy.deepcopy(branch.graph))
+            count, _ = fuse_cache_attention(copied, copied.graph, None, tolerance)
+            if count:
+                eliminate_dead_code(copied.graph)
+                _infer_values(copied.graph, {})
+                copied.recompile()
+                setattr(gm, branch_node.target, copied)
+                fused += count
+    return fused
 
 
 def _infer_values(graph: fx.Graph, constants: dict[str, torch.Tensor]) -> None:

@@ -37,19 +37,16 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
+from skimformer.backends.ort_kernels.layout import heads_first, replace_output, token_major
 from skimformer.ir.graph import descendants, op_name, shape
 from skimformer.ir.rotary import RotaryTables, find_rotary, rotary_candidates, rotates_by, rotate
-from skimformer.ir.sizes import same_shape, same_size
+from skimformer.ir.sizes import same_size
 from skimformer.kernels.channel_quant import cache_quant_attention_ref, causal_attention
 
 aten = torch.ops.aten
 # Rotary tables cover positions [0, ROTARY_POSITIONS): 8 MB of tables for a 64-wide head. ONNX
 # Runtime refuses a position past them with INVALID_ARGUMENT (it does not wrap or read beyond).
 ROTARY_POSITIONS = 32768
-
-
-def _heads_first(x: Tensor, heads: int) -> Tensor:
-    return x.unflatten(2, (heads, -1)).transpose(1, 2)
 
 
 @torch.library.custom_op("skim_ort::group_query_attention", mutates_args=())
@@ -64,7 +61,7 @@ def group_query_attention(q: Tensor, k: Tensor, v: Tensor, past_key: Tensor | No
     or with `k_scale`, `v_scale` the codes of `skim::cache_quant_attention` (`bits` 8 or 4).
     `seqlens_k`, `total_length` and `query_lengths` are the kernel's length inputs, computed once
     per program; they follow from the other inputs and this definition does not read them."""
-    q, k, v = _heads_first(q, heads), _heads_first(k, kv_heads), _heads_first(v, kv_heads)
+    q, k, v = heads_first(q, heads), heads_first(k, kv_heads), heads_first(v, kv_heads)
     if cos is not None:
         q = rotate(q, cos[positions][:, None], sin[positions][:, None], interleaved)
         k = rotate(k, cos[positions][:, None], sin[positions][:, None], interleaved)
@@ -121,7 +118,7 @@ class _Site:
     bits: int = 0  # a `skim::cache_quant_attention`'s code width (its output is item 0); 0: a float cache
 
 
-def fuse_cache_attention(module: fx.GraphModule, graph: fx.Graph, first_input: fx.Node,
+def fuse_cache_attention(module: fx.GraphModule, graph: fx.Graph, first_input: fx.Node | None,
                          tolerance: float) -> tuple[int, dict[str, Tensor]]:
     """Rewrite every layer whose cache and attention fit the kernel; returns how many were and
     the constants the rewrite reads (rotary tables, by the placeholder names it gave them).
@@ -131,24 +128,26 @@ def fuse_cache_attention(module: fx.GraphModule, graph: fx.Graph, first_input: f
     copy of the program's lifted graph whose nodes bear the same names (export need not trace it
     again). Rotary tables become placeholders before `first_input` (the first user input), which
     the caller lifts as constants; `tolerance` is how closely their rotation must match the
-    model's."""
+    model's. Without `first_input`, `module` is an exit's branch (a `torch.cond` subgraph, rewritten
+    in its own `graph`): its decode layers are fused with the rotation left outside the kernel."""
     same = {n.name: n for n in graph.nodes}
     node_in = lambda n: n if n is None else same[n.name]  # noqa: E731
     order = {n: i for i, n in enumerate(graph.nodes)}  # nodes the rewrite inserts come after all of these
     lengths: dict[fx.Node | None, _Lengths] = {}
     tables = _TableSource(module, graph, first_input, tolerance)
-    sites = _sites(module)
+    sites = _sites(module, branch=first_input is None)
     for site in sites:
         q_heads, k_heads = shape(site.q)[1], shape(site.k)[1]
-        rotary = tables.for_layer(site) if site.past_key is not None else None
+        rotary = tables.for_layer(site) if site.past_key is not None and first_input is not None else None
         q, k = (rotary.q.key, rotary.k.key) if rotary else (site.q, site.k)
         with graph.inserting_before(node_in(site.output)):
-            q, k, v = (_token_major(graph, node_in(x)) for x in (q, k, site.v))
+            q, k, v = (token_major(graph, node_in(x)) for x in (q, k, site.v))
             if site.mask not in lengths:
                 lengths[site.mask] = _shared_lengths(graph, node_in(site.mask), q, shape(site.q)[2],
                                                      node_in(site.past_key))
             shared = lengths[site.mask]
-            positions, cos, sin = (same["position_ids"], *tables.placeholders(rotary.tables)) if rotary else (None,) * 3
+            positions, cos, sin = (node_in(tables.positions), *tables.placeholders(rotary.tables)) if rotary \
+                else (None,) * 3
             # the scales as the lifted graph reads them (its buffers are placeholders of other names)
             k_scale, v_scale = node_in(site.output).args[0].args[6:8] if site.bits else (None, None)
             node = graph.call_function(OP, (q, k, v, node_in(site.past_key), node_in(site.past_value),
@@ -157,7 +156,7 @@ def fuse_cache_attention(module: fx.GraphModule, graph: fx.Graph, first_input: f
                                             q_heads, k_heads, site.scale, bool(rotary and rotary.tables.interleaved)))
             node.meta["skim"] = "kernel-selection"
             attended, key, value = (graph.call_function(operator.getitem, (node, i)) for i in range(3))
-        _replace_output(graph, node_in(site.output), attended, q_heads)
+        replace_output(graph, node_in(site.output), attended, q_heads)
         # the grown cache's readers after attention (the outputs, a window's gather, an
         # eviction's scores) read the op's; those before it only feed the attention replaced
         after = order[node_in(site.output)]
@@ -166,11 +165,11 @@ def fuse_cache_attention(module: fx.GraphModule, graph: fx.Graph, first_input: f
     return len(sites), tables.constants
 
 
-def _sites(module: fx.GraphModule) -> list[_Site]:
+def _sites(module: fx.GraphModule, branch: bool) -> list[_Site]:
     from skimformer.passes.cache_attention import cache_attentions, read_cache_attentions
 
-    found, _ = cache_attentions(module, "kernel selection")
-    if not found:  # a decode program that returns a window or an eviction of the cache it grows
+    found, _ = read_cache_attentions(module, decode=True) if branch else cache_attentions(module, "kernel selection")
+    if not found and not branch:  # a program that returns a window or an eviction of the cache it grows
         found, _ = read_cache_attentions(module)
     sites = [_Site(c.layer.attention.q, c.k_new, c.v_new, c.layer.past_key, c.layer.past_value, c.mask, c.scale,
                    c.layer.attention.node, c.layer.key, c.layer.value) for c in found]
@@ -181,19 +180,6 @@ def _sites(module: fx.GraphModule) -> list[_Site]:
             if len(parts) == 3:
                 sites.append(_Site(q, k, v, past_key, past_value, bias, scale, parts[0], parts[1], parts[2], bits))
     return sites
-
-
-def _token_major(graph: fx.Graph, x: fx.Node) -> fx.Node:
-    """`x [B,H,S,D]` as `[B,S,H*D]`: the projection it was split from when it is
-    `transpose(view(projection, [B,S,H,D]), 1, 2)`, else a transpose and flatten."""
-    if op_name(x) == "transpose" and sorted(x.args[1:]) == [1, 2]:
-        split = x.args[0]
-        source = split.args[0] if op_name(split) in ("view", "reshape", "_unsafe_view") else None
-        wanted = shape(x)
-        if source is not None and len(shape(source)) == 3 and same_size(shape(source)[2], wanted[1] * wanted[3]) \
-                and same_size(shape(source)[1], wanted[2]):
-            return source
-    return graph.call_function(aten.flatten.using_ints, (graph.call_function(aten.transpose.int, (x, 1, 2)), 2))
 
 
 def _shared_lengths(graph: fx.Graph, mask: fx.Node | None, q: fx.Node, steps_size, past_key: fx.Node | None) -> _Lengths:
@@ -218,34 +204,20 @@ def _shared_lengths(graph: fx.Graph, mask: fx.Node | None, q: fx.Node, steps_siz
     return _Lengths(bias, seqlens, total_scalar, None if past_key is None else per_row(steps))
 
 
-def _replace_output(graph: fx.Graph, site: fx.Node, attended: fx.Node, heads: int) -> None:
-    """Give the site's readers the op's token-major output: where the model turns attention's
-    `[B,H,S,D]` back into `[B,S,H*D]` (shape-keeping views, `transpose(1, 2)`, a copy, a view to
-    rank 3) the op's output replaces that whole chain; otherwise it is split into heads again."""
-    node = site
-    while len(node.users) == 1 and (node is site or (op_name(node) in ("view", "reshape", "_unsafe_view")
-                                                     and same_shape(shape(node), shape(node.args[0])))):
-        node = next(iter(node.users))
-    if op_name(node) == "transpose" and sorted(node.args[1:]) == [1, 2] and len(node.users) == 1:
-        merged = next(iter(node.users))
-        if op_name(merged) in ("contiguous", "clone") and len(merged.users) == 1:
-            merged = next(iter(merged.users))
-        if op_name(merged) in ("view", "reshape", "_unsafe_view") and len(shape(merged)) == 3 \
-                and same_size(shape(merged)[2], shape(site)[1] * shape(site)[3]):
-            merged.replace_all_uses_with(attended)
-            return
-    with graph.inserting_after(attended):
-        split = graph.call_function(aten.unflatten.int, (attended, 2, [heads, -1]))
-        with graph.inserting_after(split):
-            back = graph.call_function(aten.transpose.int, (split, 1, 2))
-    site.replace_all_uses_with(back)
-
-
 @dataclass
 class _LayerRotary:
     q: object  # ir.rotary.Rotary of the queries
     k: object  # ... of the new keys
     tables: RotaryTables
+
+
+def _rotary_positions(graph: fx.Graph) -> fx.Node | None:
+    """The positions the model rotates at: its `position_ids` input, or, where a pass gives
+    positions of its own (kv-window's positions within the cache), that op's."""
+    given = next((n for n in graph.nodes if n.op == "placeholder" and n.name == "position_ids"), None)
+    if given is not None and any(user.op == "call_function" for user in given.users):  # not export's guard check
+        return given
+    return next((n for n in graph.nodes if n.target is torch.ops.skim.cache_positions.default), None)
 
 
 class _TableSource:
@@ -255,8 +227,7 @@ class _TableSource:
 
     def __init__(self, module: fx.GraphModule, graph: fx.Graph, first_input: fx.Node, tolerance: float):
         self.module, self.graph, self.first_input, self.tolerance = module, graph, first_input, tolerance
-        self.positions = next((n for n in module.graph.nodes if n.op == "placeholder" and n.name == "position_ids"),
-                              None)
+        self.positions = _rotary_positions(module.graph)
         self.candidates: dict[frozenset, list[RotaryTables]] = {}
         self.constants: dict[str, Tensor] = {}
         self.nodes: dict[int, tuple[fx.Node, fx.Node]] = {}

@@ -22,23 +22,33 @@ TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(int32)"
          "tensor(int8)"]
 
 
+# MultiHeadAttention's inputs (1.32), of which the rule uses the query, key, value and attention_bias.
+MHA_INPUTS = ("query", "key", "value", "bias", "key_padding_mask", "attention_bias")
+MHA_ATTRIBUTES = {"num_heads": "INT", "scale": "FLOAT"}
+
+
 @functools.cache
 def register_schemas() -> None:
-    """Make GroupQueryAttention known to `onnx.defs` (once per process)."""
+    """Make the contrib ops the rules emit known to `onnx.defs` (once per process)."""
+    _register("GroupQueryAttention", GQA_INPUTS, ("output", "present_key", "present_value"), GQA_ATTRIBUTES)
+    _register("MultiHeadAttention", MHA_INPUTS, ("output",), MHA_ATTRIBUTES)
+
+
+def _register(name: str, input_names: tuple, output_names: tuple, attribute_kinds: dict) -> None:
     from onnx import defs
 
-    if defs.has("GroupQueryAttention", DOMAIN):
+    if defs.has(name, DOMAIN):
         return
     optional = defs.OpSchema.FormalParameterOption.Optional
-    inputs = [defs.OpSchema.FormalParameter(name, f"T{i}", param_option=optional if i else
+    inputs = [defs.OpSchema.FormalParameter(input_name, f"T{i}", param_option=optional if i else
                                             defs.OpSchema.FormalParameterOption.Single)
-              for i, name in enumerate(GQA_INPUTS)]
-    outputs = [defs.OpSchema.FormalParameter(name, f"R{j}")
-               for j, name in enumerate(("output", "present_key", "present_value"))]
-    constraints = [(f"T{i}", TYPES, "") for i in range(len(GQA_INPUTS))] + [(f"R{j}", TYPES, "") for j in range(3)]
-    attributes = [defs.OpSchema.Attribute(name, getattr(defs.OpSchema.AttrType, kind), "", required=False)
-                  for name, kind in GQA_ATTRIBUTES.items()]
-    defs.register_schema(defs.OpSchema("GroupQueryAttention", DOMAIN, 1, inputs=inputs, outputs=outputs,
+              for i, input_name in enumerate(input_names)]
+    outputs = [defs.OpSchema.FormalParameter(output_name, f"R{j}") for j, output_name in enumerate(output_names)]
+    constraints = [(f"T{i}", TYPES, "") for i in range(len(input_names))] + \
+        [(f"R{j}", TYPES, "") for j in range(len(output_names))]
+    attributes = [defs.OpSchema.Attribute(attribute, getattr(defs.OpSchema.AttrType, kind), "", required=False)
+                  for attribute, kind in attribute_kinds.items()]
+    defs.register_schema(defs.OpSchema(name, DOMAIN, 1, inputs=inputs, outputs=outputs,
                                        type_constraints=constraints, attributes=attributes))
 
 
@@ -47,7 +57,13 @@ def translations() -> dict:
     import torch
 
     register_schemas()
-    return {torch.ops.skim_ort.group_query_attention.default: _group_query_attention}
+    return {torch.ops.skim_ort.group_query_attention.default: _group_query_attention,
+            torch.ops.skim_ort.multi_head_attention.default: _multi_head_attention}
+
+
+def _multi_head_attention(q, k, v, bias, heads: int, scale: float):
+    """`skim_ort::multi_head_attention` as MultiHeadAttention, input for input."""
+    return _ms().MultiHeadAttention(q, k, v, None, None, bias, num_heads=heads, scale=scale)
 
 
 def _group_query_attention(q, k, v, past_key, past_value, bias, seqlens_k, total_length, query_lengths, positions, cos,

@@ -106,11 +106,11 @@ def _is_projection(node) -> bool:
 
 
 def type_attention_outputs(model) -> None:
-    """Give GroupQueryAttention's output the query's type where the exporter left it untyped (it
+    """Give the attention kernels' output the query's type where the exporter left it untyped (it
     types a custom node's outputs from the values torch traced, by name, and a kernel that
     replaced an op with outputs of its own can miss): ONNX cannot infer a contrib op's types."""
     for node in model.graph:
-        if node.op_type == "GroupQueryAttention" and node.outputs[0].dtype is None:
+        if node.op_type in ("GroupQueryAttention", "MultiHeadAttention") and node.outputs[0].dtype is None:
             node.outputs[0].dtype = node.inputs[0].dtype
 
 
