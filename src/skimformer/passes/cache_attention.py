@@ -230,13 +230,19 @@ def _qualifying(layers: list[CacheLayer]) -> tuple[list[CacheAttention], list[st
     return found, skipped
 
 
-def additive(graph: fx.Graph, mask: fx.Node | None) -> fx.Node | None:
-    """The model's attention mask as an additive bias (a boolean mask keeps where True); insert
-    before the node that reads it."""
+def additive(graph: fx.Graph, mask: fx.Node | None, dtype) -> fx.Node | None:
+    """The model's attention mask as an additive bias in `dtype`, the attention's (a boolean mask
+    keeps where True); insert before the node that reads it. Fused kernels take one type for
+    their operands, and a boolean mask's fill is the dtype's own lowest value (float32's would be
+    -inf in float16)."""
     import torch
 
-    if mask is None or mask.meta["val"].dtype != torch.bool:
-        return mask
-    return graph.call_function(torch.ops.aten.where.Scalar,
-                               (graph.call_function(torch.ops.aten.logical_not.default, (mask,)),
-                                torch.finfo(torch.float32).min, 0.0))
+    if mask is None:
+        return None
+    current = mask.meta["val"].dtype
+    if current == torch.bool:
+        mask = graph.call_function(torch.ops.aten.where.Scalar,
+                                   (graph.call_function(torch.ops.aten.logical_not.default, (mask,)),
+                                    torch.finfo(dtype).min, 0.0))
+        current = torch.float32  # a where() of two Python floats
+    return mask if current == dtype else graph.call_function(torch.ops.aten._to_copy.default, (mask,), {"dtype": dtype})

@@ -79,9 +79,9 @@ def quantize_program(program: Program, scales: dict, bits: int, pass_name: str, 
         with graph.inserting_before(site.node):
             constants = [_constant(module, f"skim_kv_{kind}_scale_{layer.index}", value)
                          for kind, value in (("key", k_scale), ("value", v_scale))]
+            bias = additive(graph, layer.mask, site.q.meta["val"].dtype)
             node = tag(graph.call_function(OP, (site.q, layer.k_new, layer.v_new, layer.layer.past_key,
-                                                layer.layer.past_value, additive(graph, layer.mask), *constants,
-                                                bits, layer.scale)), pass_name)
+                                                layer.layer.past_value, bias, *constants, bits, layer.scale)), pass_name)
             attended, key, value = (tag(graph.call_function(operator.getitem, (node, i)), pass_name) for i in range(3))
         site.node.replace_all_uses_with(attended)
         graph.erase_node(site.node)

@@ -143,7 +143,7 @@ def fuse_cache_attention(module: fx.GraphModule, graph: fx.Graph, first_input: f
         with graph.inserting_before(node_in(site.output)):
             q, k, v = (token_major(graph, node_in(x)) for x in (q, k, site.v))
             if site.mask not in lengths:
-                lengths[site.mask] = _shared_lengths(graph, node_in(site.mask), q, shape(site.q)[2],
+                lengths[site.mask] = _shared_lengths(graph, node_in(site.mask), q, site.q.meta["val"],
                                                      node_in(site.past_key))
             shared = lengths[site.mask]
             positions, cos, sin = (node_in(tables.positions), *tables.placeholders(rotary.tables)) if rotary \
@@ -182,14 +182,16 @@ def _sites(module: fx.GraphModule, branch: bool) -> list[_Site]:
     return sites
 
 
-def _shared_lengths(graph: fx.Graph, mask: fx.Node | None, q: fx.Node, steps_size, past_key: fx.Node | None) -> _Lengths:
-    """The bias (additive, broadcast to the kernel's `[B|1, 1|H, S, T]`) and the lengths: every
-    row holds `T` tokens after the step (left padding is masked by the bias, not shortened), so
-    `seqlens_k = T - 1` for each row. `q` is token-major, `steps_size` its token count."""
+def _shared_lengths(graph: fx.Graph, mask: fx.Node | None, q: fx.Node, queries: Tensor,
+                    past_key: fx.Node | None) -> _Lengths:
+    """The bias (additive, in the queries' dtype, broadcast to the kernel's `[B|1, 1|H, S, T]`)
+    and the lengths: every row holds `T` tokens after the step (left padding is masked by the
+    bias, not shortened), so `seqlens_k = T - 1` for each row. `q` is token-major; `queries`,
+    the head-major queries' traced value."""
     from skimformer.passes.cache_attention import additive
 
     size = lambda x, d: graph.call_function(aten.sym_size.int, (x, d))  # noqa: E731
-    bias = additive(graph, mask)
+    bias, steps_size = additive(graph, mask, queries.dtype), queries.shape[2]
     steps = size(q, 1)
     if bias is not None:
         if not same_size(shape(mask)[2], steps_size):

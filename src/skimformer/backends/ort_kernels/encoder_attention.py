@@ -58,7 +58,7 @@ def fuse_encoder_attention(graph: fx.Graph) -> int:
         scale = node.kwargs.get("scale") or float(shape(site.q)[3]) ** -0.5
         with graph.inserting_before(node):
             q, k, v = (token_major(graph, x) for x in (site.q, site.k, site.v))
-            bias = additive(graph, site.mask)
+            bias = additive(graph, site.mask, site.q.meta["val"].dtype)
             if bias is not None and not same_size(shape(site.mask)[2], shape(site.q)[2]):
                 steps = graph.call_function(aten.sym_size.int, (q, 1))
                 bias = graph.call_function(aten.expand.default, (bias, [-1, -1, steps, -1]))
