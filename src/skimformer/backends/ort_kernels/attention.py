@@ -23,9 +23,9 @@ also removes what surrounds attention:
   them, and its output goes straight to the output projection: no head transposes;
 - in a step with a past cache the rotary embedding runs inside the op (`do_rotary`, tables read
   off the model's own rotation and checked against it, `ir.rotary.rotary_candidates`), at the
-  model's own position ids. A prefill keeps the model's rotation outside the op: the kernel
-  takes only the first position of a prompt, and rows of a left-padded prompt start at
-  different positions;
+  positions the model rotates at (its position ids, or kv-window's positions within the cache).
+  A prefill keeps the model's rotation outside the op: the kernel takes only the first position
+  of a prompt, and rows of a left-padded prompt start at different positions;
 - the kernel's length inputs and the bias are computed once per program, not per layer.
 """
 from __future__ import annotations
