@@ -31,6 +31,11 @@ def faster(measured: dict) -> bool:
     return measured["speed_bound"] > 1.0
 
 
+def speed_text(measured: dict, key: str = "speed") -> str:
+    """A speed with its bound: `1.26x (90% bound 1.10)`."""
+    return f"{measured[key]:.2f}x (90% bound {measured[key + '_bound']:.2f})"
+
+
 def fastest_within(records: list[dict]) -> dict | None:
     return max((r for r in records if r["state"] == "complete" and r["within_budget"]),
                key=lambda r: r["speed"], default=None)

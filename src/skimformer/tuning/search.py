@@ -29,6 +29,7 @@ from skimformer.errors import UserError
 from skimformer.tuning.budget import Budget
 from skimformer.tuning.journal import Journal
 from skimformer.tuning.pool import Job, run_jobs
+from skimformer.tuning.report import speed_text
 from skimformer.tuning.space import Candidate, Space
 
 PER_WORKER = 2  # candidates screened per worker and round
@@ -218,4 +219,4 @@ def summary_line(record: dict, budgets: list[Budget]) -> str:
     figures = ", ".join(f"{b.metric} {record['figures'][b.metric]:.4g}" for b in budgets
                         if b.metric in record["figures"])
     within = "within budget" if record["within_budget"] else f"outside: {describe(budgets, record['figures'])}"
-    return f"{record['speed']:.2f}x (90% bound {record['speed_bound']:.2f}), {figures} ({within})"
+    return f"{speed_text(record)}, {figures} ({within})"

@@ -32,7 +32,8 @@ from skimformer.passes.spec import build_pipeline, parse_text
 from skimformer.tuning.budget import Budget, check_budgets, parse_budgets
 from skimformer.tuning.journal import FORMAT, Journal, digest_arrays, digest_files
 from skimformer.tuning.pool import LocalPool
-from skimformer.tuning.report import choose, faster, fastest_within, pareto_front, plot, table, write_best
+from skimformer.tuning.report import (choose, faster, fastest_within, pareto_front, plot, speed_text, table,
+                                     write_best)
 from skimformer.tuning.rows import Rows, tune_rows
 from skimformer.tuning.search import Search, describe, require_optuna, violations
 from skimformer.tuning.space import Facts, Space, space_groups
@@ -181,15 +182,11 @@ def _final_engine(model, folder: Path, chosen: dict | None, checker: Worker, bac
     check = checker.check(folder, timed=chosen is not None)  # not the unoptimized engine against itself
     if chosen is None or faster(check):
         return engine, chosen, None, check
-    progress(f"trial {chosen['trial']} is {_x(check)} timed again: building the unoptimized engine")
+    progress(f"trial {chosen['trial']} is {speed_text(check)} timed again: building the unoptimized engine")
     engine = _build(model, folder, None, backend, options, rows, progress, warn)
     return engine, None, {**chosen, "timed_again": check["speed"], "timed_again_bound": check["speed_bound"]}, \
         checker.check(folder, timed=False)
 
-
-def _x(measured: dict, key: str = "speed") -> str:
-    """A speed with its bound: `1.26x (90% bound 1.10)`."""
-    return f"{measured[key]:.2f}x (90% bound {measured[key + '_bound']:.2f})"
 
 
 def _exit_heads(model, rows: Rows, out: Path, progress) -> str:
@@ -240,13 +237,15 @@ def _summary(out: Path, settings: dict, space: Space, rows: Rows, budgets: list[
     states = [r["state"] for r in records]
     fastest = fastest_within(records)
     if chosen is not None:
-        answer = f"chosen: trial {chosen['trial']}, {chosen['label']}: {_x(chosen)} within {', '.join(map(str, budgets))}"
+        answer = (f"chosen: trial {chosen['trial']}, {chosen['label']}: {speed_text(chosen)} "
+                  f"within {', '.join(map(str, budgets))}")
     else:
-        best = (f"the fastest within it, trial {fastest['trial']} ({fastest['label']}), runs at {_x(fastest)}: "
+        best = (f"the fastest within it, trial {fastest['trial']} ({fastest['label']}), runs at {speed_text(fastest)}: "
                 "within timing noise" if fastest else "no measured trial was within it")
         if unconfirmed is not None:
             best = (f"the fastest within it, trial {unconfirmed['trial']} ({unconfirmed['label']}), ran at "
-                    f"{_x(unconfirmed)} in the search and {_x(unconfirmed, 'timed_again')} timed again: timing noise")
+                    f"{speed_text(unconfirmed)} in the search and {speed_text(unconfirmed, 'timed_again')} "
+                    "timed again: timing noise")
         answer = (f"nothing within the budget ({', '.join(map(str, budgets))}) is faster than the unoptimized engine "
                   f"({best}): the engine built is the unoptimized one")
     # the held-out rows check what was measured on them, not its confidence bound

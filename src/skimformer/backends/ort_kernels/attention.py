@@ -37,10 +37,9 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from skimformer.backends.ort_kernels.layout import heads_first, replace_output, token_major
+from skimformer.backends.ort_kernels.layout import heads_first, kernel_bias, replace_output, token_major
 from skimformer.ir.graph import descendants, op_name, shape
 from skimformer.ir.rotary import RotaryTables, find_rotary, rotary_candidates, rotates_by, rotate
-from skimformer.ir.sizes import same_size
 from skimformer.kernels.channel_quant import cache_quant_attention_ref, causal_attention
 
 aten = torch.ops.aten
@@ -188,14 +187,9 @@ def _shared_lengths(graph: fx.Graph, mask: fx.Node | None, q: fx.Node, queries: 
     and the lengths: every row holds `T` tokens after the step (left padding is masked by the
     bias, not shortened), so `seqlens_k = T - 1` for each row. `q` is token-major; `queries`,
     the head-major queries' traced value."""
-    from skimformer.passes.cache_attention import additive
-
     size = lambda x, d: graph.call_function(aten.sym_size.int, (x, d))  # noqa: E731
-    bias, steps_size = additive(graph, mask, queries.dtype), queries.shape[2]
-    steps = size(q, 1)
+    bias, steps = kernel_bias(graph, mask, q, queries), size(q, 1)
     if bias is not None:
-        if not same_size(shape(mask)[2], steps_size):
-            bias = graph.call_function(aten.expand.default, (bias, [-1, -1, steps, -1]))
         total = size(bias, 3)
     else:
         total = steps if past_key is None else graph.call_function(operator.add, (size(past_key, 2), steps))

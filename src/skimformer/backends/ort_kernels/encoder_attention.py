@@ -19,12 +19,10 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from skimformer.backends.ort_kernels.layout import heads_first, replace_output, token_major
-from skimformer.ir.attention import FUSED, find_attention, sdpa_mask
+from skimformer.backends.ort_kernels.layout import heads_first, kernel_bias, replace_output, token_major
+from skimformer.ir.attention import FUSED, find_attention
 from skimformer.ir.graph import op_name, shape
-from skimformer.ir.sizes import same_size, to_expr
-
-aten = torch.ops.aten
+from skimformer.ir.sizes import to_expr
 
 
 @torch.library.custom_op("skim_ort::multi_head_attention", mutates_args=())
@@ -47,8 +45,6 @@ OP = torch.ops.skim_ort.multi_head_attention.default
 def fuse_encoder_attention(graph: fx.Graph) -> int:
     """Rewrite every attention of `graph` (a program without a KV cache) that fits the kernel;
     returns how many were."""
-    from skimformer.passes.cache_attention import additive
-
     fused = 0
     for site in find_attention(graph):
         heads = _static_heads(site)
@@ -58,10 +54,7 @@ def fuse_encoder_attention(graph: fx.Graph) -> int:
         scale = node.kwargs.get("scale") or float(shape(site.q)[3]) ** -0.5
         with graph.inserting_before(node):
             q, k, v = (token_major(graph, x) for x in (site.q, site.k, site.v))
-            bias = additive(graph, site.mask, site.q.meta["val"].dtype)
-            if bias is not None and not same_size(shape(site.mask)[2], shape(site.q)[2]):
-                steps = graph.call_function(aten.sym_size.int, (q, 1))
-                bias = graph.call_function(aten.expand.default, (bias, [-1, -1, steps, -1]))
+            bias = kernel_bias(graph, site.mask, q, site.q.meta["val"])
             attended = graph.call_function(OP, (q, k, v, bias, heads, scale))
             attended.meta["skim"] = "kernel-selection"
         replace_output(graph, node, attended, heads)
@@ -81,7 +74,7 @@ def _static_heads(site) -> int | None:
     heads = [to_expr(s[1]) for s in shapes]
     if not all(h.is_Integer for h in heads) or len(set(heads)) != 1:
         return None
-    mask = sdpa_mask(node)
+    mask = site.mask
     if mask is not None and (shape(mask) is None or len(shape(mask)) != 4 or to_expr(shape(mask)[1]) not in (1, heads[0])):
         return None
     return int(heads[0])

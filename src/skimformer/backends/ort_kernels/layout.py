@@ -1,7 +1,8 @@
 """The token-major layout ONNX Runtime's attention kernels read and write (`[B, S, H*D]`, as the
-projections write it and the output projection reads it), and the moves between it and the
-head-major `[B, H, S, D]` a model's attention works in: shared by the kernel rules, which take
-the layout the projections already have instead of transposing to heads and back.
+projections write it and the output projection reads it), the moves between it and the
+head-major `[B, H, S, D]` a model's attention works in, and the mask as the kernels take it:
+shared by the kernel rules, which take the layout the projections already have instead of
+transposing to heads and back.
 """
 from __future__ import annotations
 
@@ -30,6 +31,19 @@ def token_major(graph: fx.Graph, x: fx.Node) -> fx.Node:
                 and same_size(shape(source)[1], wanted[2]):
             return source
     return graph.call_function(aten.flatten.using_ints, (graph.call_function(aten.transpose.int, (x, 1, 2)), 2))
+
+
+def kernel_bias(graph: fx.Graph, mask: fx.Node | None, q: fx.Node, queries: Tensor) -> fx.Node | None:
+    """The model's attention mask as the kernels take it: additive, in the queries' dtype, a row
+    per query (`[B|1, H|1, S, T]`: a mask broadcast over the queries is expanded). `q` is the
+    token-major queries; `queries`, the head-major queries' traced value."""
+    from skimformer.passes.cache_attention import additive
+
+    bias = additive(graph, mask, queries.dtype)
+    if bias is not None and not same_size(shape(mask)[2], queries.shape[2]):
+        steps = graph.call_function(aten.sym_size.int, (q, 1))
+        bias = graph.call_function(aten.expand.default, (bias, [-1, -1, steps, -1]))
+    return bias
 
 
 def replace_output(graph: fx.Graph, site: fx.Node, attended: fx.Node, heads: int) -> None:
