@@ -123,6 +123,8 @@ def token_cases(s: Sizes, device) -> list[Case]:
     step_mask = torch.cat([cache_mask, cache_mask[:, :1] * 0 + 1], dim=1)
     ids = torch.zeros(b, 1, dtype=torch.long, device=device)
     win_idx = window.window_tokens_ref(cache_mask, 4, win - 4)
+    cache = torch.randn(b, h, t, d, device=device, dtype=dt)
+    windowed = tokens.gather_tokens_ref(cache, win_idx, 2)
     attn_flops = 4 * b * h * m * m * d
     return [
         Case("token_scores", f"{vit} CLS row", (q, k, None, d ** -0.5, 0), nbytes(k, q[:, :, :1]) + 4 * b * n),
@@ -143,7 +145,9 @@ def token_cases(s: Sizes, device) -> list[Case]:
         Case("window_tokens", f"{dec} window={win}", (cache_mask, 4, win - 4), nbytes(cache_mask, win_idx),
              memory_bound=False),
         Case("cache_positions", f"{dec}", (step_mask, ids), nbytes(step_mask, ids) + 8 * b),
-        Case("position_shift", f"{dec} window={win}", (cache_mask, win_idx), nbytes(cache_mask) + 2 * nbytes(win_idx)),
+        Case("sink_index", f"{dec} window={win}", (win_idx, 4, cache, 2), 2 * nbytes(windowed[:, :, :4])),
+        Case("window_join", f"{dec} window={win}", (windowed[:, :, :4], cache, t - win + 4, 2),
+             2 * nbytes(windowed)),
     ]
 
 

@@ -308,7 +308,7 @@ def test_bipartite_merge_half_precision_keeps_its_dtype():
     assert torch.equal(got_size, want_size)
 
 
-# --- window_tokens / cache_positions / position_shift -----------------------------------------
+# --- window_tokens / sink_index / window_join / cache_positions ------------------------------
 
 
 def decoder_mask(t: int, lengths: list[int], dtype=torch.int64) -> torch.Tensor:
@@ -339,19 +339,20 @@ def test_cache_positions_refuses_more_new_tokens_than_slots():
         tt.cache_positions(decoder_mask(3, [3]), torch.zeros(1, 4, dtype=torch.int64))
 
 
-@pytest.mark.parametrize("t, sink, size", [(1, 1, 2), (13, 1, 4), (33, 4, 8), (33, 0, 40)])
-def test_position_shift_matches_reference(t, sink, size):
+@pytest.mark.parametrize("t, sink, size", [(1, 1, 2), (3, 4, 8), (13, 1, 4), (33, 4, 8), (33, 0, 40)])
+def test_sink_index_and_window_join_match_reference_and_gather_the_kept_slots(t, sink, size):
+    """Every row's kept slots after its sinks are the cache's last ones: a short row keeps
+    padding in front, a full one its most recent tokens."""
     mask = decoder_mask(t, [t, max(1, t - 9)])
     idx = window.window_tokens_ref(mask, sink, size)
-    got = tt.position_shift(mask, idx)
-    assert got.dtype == torch.int64
-    assert torch.equal(got, window.position_shift_ref(mask, idx))
-
-
-def test_position_shift_of_any_kept_subset():
-    mask = decoder_mask(13, [13, 6])
-    idx = random_subset(2, 13, 5)
-    assert torch.equal(tt.position_shift(mask, idx), window.position_shift_ref(mask, idx))
+    x = torch.randn(2, 3, t, 8)
+    index = tt.sink_index(idx, sink, x, 2)
+    assert torch.equal(index, window.sink_index_ref(idx, sink, x, 2))
+    sinks = torch.gather(x, 2, index)
+    start = t - idx.shape[1] + sinks.shape[2]
+    joined = tt.window_join(sinks, x, start, 2)
+    assert torch.equal(joined, window.window_join_ref(sinks, x, start, 2))
+    assert torch.equal(joined, tokens.gather_tokens_ref(x, idx, 2))
 
 
 # --- tables -----------------------------------------------------------------------------------
@@ -402,7 +403,9 @@ def test_window_ops_over_several_row_steps():
     assert torch.equal(idx, window.window_tokens_ref(mask, 4, 1000))
     ids = torch.zeros(2, 3, dtype=torch.int64)
     assert torch.equal(tt.cache_positions(mask, ids), window.cache_positions_ref(mask, ids))
-    assert torch.equal(tt.position_shift(mask, idx), window.position_shift_ref(mask, idx))
+    x = torch.randn(2, 1500, 2)
+    sinks = torch.gather(x, 1, tt.sink_index(idx, 4, x, 1))
+    assert torch.equal(tt.window_join(sinks, x, 1500 - 1000, 1), tokens.gather_tokens_ref(x, idx, 1))
 
 
 @pytest.mark.parametrize("mode", [1, 3])

@@ -5,7 +5,7 @@ import torch
 
 from skimformer import UserError, load, optimize
 from skimformer.backends.build import build_engine
-from skimformer.kernels.window import cache_positions_ref, position_shift_ref, window_tokens_ref
+from skimformer.kernels.window import cache_positions_ref, window_tokens_ref
 from skimformer.passes import PassManager, pipeline_from
 from skimformer.passes.manager import max_abs_error
 from skimformer.zoo import export_zoo
@@ -40,11 +40,9 @@ def test_window_keeps_sinks_then_recent_tokens_and_padding_only_when_short():
     assert window_tokens_ref(mask, 2, 30).shape == (3, 8)  # a cache that is not full keeps everything
 
 
-def test_positions_count_real_tokens_in_the_cache_and_shift_after_eviction():
+def test_positions_count_real_tokens_in_the_cache():
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1]])
     assert cache_positions_ref(mask, torch.zeros(1, 2, dtype=torch.long)).tolist() == [[3, 4]]
-    idx = torch.tensor([[2, 5, 6]])  # a sink, then the two most recent tokens
-    assert position_shift_ref(mask, idx).tolist() == [[0, -2, -2]]
 
 
 def test_cache_is_bounded_and_returns_its_mask(windowed):
@@ -68,24 +66,43 @@ def test_a_window_that_never_fills_is_lossless(tiny_decoder):
         assert ok, f"{role}: {err}"
 
 
-def test_kept_keys_are_rotated_to_their_positions_in_the_cache(windowed):
-    """Layer 0's keys depend only on the token and its position: after eviction each kept key
-    must be the key the original program computes for that token at its new position."""
+def test_the_cache_is_streamingllms_rotated_by_the_evicted_count(windowed):
+    """StreamingLLM puts each kept key at its place in the cache. This cache holds the same keys
+    all turned by one angle per row, the tokens evicted before them, as are the queries that read
+    it (they rotate at their places in the text): the same attention scores. Layer 0's keys depend
+    only on the token and its position, so the original program computes the expected ones."""
     model, new, _ = windowed
     prefill = model.programs["prefill"]
     inputs = dict(prefill.example_inputs)
     mask = inputs["attention_mask"]
     idx = window_tokens_ref(mask, SINK, WINDOW)
-    new_pos = (torch.gather(mask, 1, idx).cumsum(1) - 1).clamp(min=0)
-    moved = inputs["position_ids"].clone().scatter(1, idx, new_pos)
+    kept = torch.gather(mask, 1, idx)
+    evicted = mask.sum(1, keepdim=True) - kept.sum(1, keepdim=True)
+    assert evicted.tolist() == [[6], [2]]  # 16 and 12 real tokens, 10 kept: this test can fail
+    in_cache = (kept.cumsum(1) - 1).clamp(min=0)
+    moved = inputs["position_ids"].clone().scatter(1, idx, in_cache + evicted)
     want = prefill.run({**inputs, "position_ids": moved})["present_key_0"]
     want = torch.gather(want, 2, idx[:, None, :, None].expand(-1, want.shape[1], -1, want.shape[3]))
     got = new.programs["prefill"].run(inputs)["present_key_0"]
-    real = torch.gather(mask, 1, idx).bool()[:, None, :, None].expand_as(got)
+    real = kept.bool()[:, None, :, None].expand_as(got)
     assert torch.allclose(got[real], want[real], atol=1e-5)
-    # without the rotation the keys would be wrong: this test can fail
-    assert not torch.allclose(torch.gather(prefill.run(inputs)["present_key_0"], 2,
-                                           idx[:, None, :, None].expand_as(got))[real], got[real], atol=1e-3)
+    # the recent keys are the ones the prompt computed; the sinks alone were rotated again
+    cached = torch.gather(prefill.run(inputs)["present_key_0"], 2, idx[:, None, :, None].expand_as(got))
+    assert torch.equal(got[:, :, SINK:], cached[:, :, SINK:])
+    assert not torch.allclose(got[:, :, :SINK], cached[:, :, :SINK], atol=1e-3)
+
+
+def test_a_decode_step_rotates_its_sinks_by_what_it_evicts(windowed):
+    model, new, _ = windowed
+    decode = new.programs["decode"]
+    inputs = decode.example_inputs
+    grown = model.programs["decode"].run(inputs)["present_key_1"]  # the past and the step's 3 tokens
+    out = decode.run(inputs)["present_key_1"]
+    assert out.shape[2] == SINK + WINDOW < grown.shape[2]
+    assert torch.equal(out[:, :, SINK:], grown[:, :, -WINDOW:])
+    sinks = torch.gather(grown, 2, window_tokens_ref(inputs["attention_mask"], SINK, WINDOW)[:, None, :SINK, None]
+                         .expand(-1, grown.shape[1], -1, grown.shape[3]))
+    assert not torch.allclose(out[:, :, :SINK], sinks, atol=1e-3)
 
 
 def test_decode_takes_positions_from_its_cache_not_from_its_inputs(gpt2):

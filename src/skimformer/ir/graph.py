@@ -74,10 +74,9 @@ def _reach(nodes: Iterable[fx.Node], step) -> set[fx.Node]:
     return seen
 
 
-def descendants(nodes: Iterable[fx.Node], avoiding: fx.Node | None = None) -> set[fx.Node]:
-    """Every node that reads, directly or not, one of `nodes` (not the nodes themselves); with
-    `avoiding`, only along paths that do not pass through it."""
-    return _reach(nodes, lambda n: [user for user in n.users if user is not avoiding])
+def descendants(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """Every node that reads, directly or not, one of `nodes` (not the nodes themselves)."""
+    return _reach(nodes, lambda n: n.users)
 
 
 def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:

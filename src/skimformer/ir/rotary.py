@@ -1,9 +1,9 @@
 """Find the rotary position embedding (RoPE) a program applies to a layer's new keys, and replay
 it on other tensors at other positions.
 
-Cached keys are stored rotated. A pass that moves keys to new positions (StreamingLLM keeps
-positions within the cache, so keys shift down as older ones are evicted) rotates them again by
-the position difference: RoPE is a rotation, so R(p + d) k = R(d) R(p) k. The rotation is not
+Cached keys are stored rotated. A pass that moves keys to new positions (kv-window's sinks, as
+tokens after them are evicted) rotates them again by the position difference: RoPE is a
+rotation, so R(p + d) k = R(d) R(p) k. The rotation is not
 matched as one library's code: it is the part of the graph between the pre-rotation key `x` and
 the cached key that reads the position ids, taken by dataflow:
 
@@ -38,11 +38,20 @@ class Rotary:
     positions: fx.Node  # the position-ids input the tables read
     nodes: list[fx.Node]  # tables and rotation, in graph order
 
-    def replay(self, graph: fx.Graph, key: fx.Node, positions: fx.Node) -> fx.Node:
-        """Insert a copy that rotates `key` by `positions` (at the graph's insertion point)."""
+    def replay(self, graph: fx.Graph, key: fx.Node, positions: fx.Node, tables: dict | None = None) -> fx.Node:
+        """Insert a copy that rotates `key` by `positions` (at the graph's insertion point).
+        Replays that pass the same `tables` dict and positions share the copies of the nodes
+        that do not read the key, the cos/sin computation layers share in the model too."""
+        tables = {} if tables is None else tables
         env = {self.key: key, self.positions: positions}
+        reads_key = descendants([self.key])
         for node in self.nodes:
-            env[node] = graph.node_copy(node, lambda n: env.get(n, n))
+            if node in reads_key:
+                env[node] = graph.node_copy(node, lambda n: env.get(n, n))
+            else:
+                if (node, positions) not in tables:
+                    tables[node, positions] = graph.node_copy(node, lambda n: env.get(n, n))
+                env[node] = tables[node, positions]
         return env[self.rotated]
 
 
@@ -80,9 +89,7 @@ def find_rotary(graph: fx.Graph, rotated: fx.Node, positions: fx.Node) -> Rotary
     feeding = _rotation_inputs(rotated)
     # whole table computations (positions -> frequencies -> cos/sin), which reach the rotation
     # through ops it does not use itself: stopping at `feeding` would replay cos of the old positions.
-    # Positions a pass computes (from the mask) read other inputs: what they reach through the
-    # positions alone is still the tables'.
-    tables = (descendants([positions]) - descendants(others, avoiding=positions)) & ancestors([rotated])
+    tables = (descendants([positions]) - descendants(others)) & ancestors([rotated])
     mixing = _mixing(tables, feeding)
     if rotated not in mixing:
         return None

@@ -29,7 +29,7 @@ def gather_tokens_ref(x: Tensor, idx: Tensor, dim: int) -> Tensor:
     Indexed by (row, token) pairs, not `torch.gather`: a gather needs its index expanded to the
     output's full shape, which for a `[B, N, 49152]` logits restore is an int64 tensor larger
     than the logits (ONNX: Expand + GatherElements, 5x slower than the GatherND this becomes)."""
-    x, dim = _batch_like(x, idx), dim % x.dim()
+    x, dim = batch_like(x, idx), dim % x.dim()
     rows = torch.arange(idx.shape[0], device=idx.device)[:, None]
     picked = x[(rows, *[slice(None)] * (dim - 1), idx)]  # the indexed axes come first: [B, K, ...]
     return picked if dim == 1 else picked.movedim(1, dim)
@@ -38,15 +38,20 @@ def gather_tokens_ref(x: Tensor, idx: Tensor, dim: int) -> Tensor:
 def gather_tokens_by_expanded_index(x: Tensor, idx: Tensor, dim: int) -> Tensor:
     """`gather_tokens_ref` as one `torch.gather`, for compilers that lower a gather but not
     indexing by tensors at dynamic sizes (torch-mlir's linalg-on-tensors)."""
-    x, dim = _batch_like(x, idx), dim % x.dim()
+    x, dim = batch_like(x, idx), dim % x.dim()
+    return torch.gather(x, dim, expanded_index(idx, x, dim))
+
+
+def expanded_index(idx: Tensor, x: Tensor, dim: int) -> Tensor:
+    """`idx` `[B, K]` as the `torch.gather` index that takes those tokens of `x` along `dim`."""
     shape = [1] * x.dim()
     shape[0], shape[dim] = idx.shape[0], idx.shape[1]
     target = list(x.shape)
-    target[dim] = idx.shape[1]
-    return torch.gather(x, dim, idx.reshape(shape).expand(target))
+    target[0], target[dim] = idx.shape[0], idx.shape[1]
+    return idx.reshape(shape).expand(target)
 
 
-def _batch_like(x: Tensor, idx: Tensor) -> Tensor:
+def batch_like(x: Tensor, idx: Tensor) -> Tensor:
     """`x` with as many batch rows as `idx` (a batch of 1 broadcasts)."""
     return x if x.shape[0] == idx.shape[0] else x.expand(idx.shape[0], *x.shape[1:])
 

@@ -1,6 +1,7 @@
 """Triton GPU kernels for the token ops: `skim::gather_tokens`, `restore_tokens`, `topk_tokens`,
 `fuse_tokens`, `token_scores`, `token_sources` (tokens.py), `token_sizes`, `bipartite_match`,
-`bipartite_merge` (merge.py), `window_tokens`, `cache_positions`, `position_shift` (window.py).
+`bipartite_merge` (merge.py), `window_tokens`, `sink_index`, `window_join`,
+`cache_positions` (window.py).
 
 Each launcher has its reference's signature and semantics (the `*_ref` functions stay the
 definition of correct); `KERNELS` maps op names to launchers for `torch.library.register_kernel`
@@ -39,6 +40,7 @@ from skimformer.kernels import tokens as tokens_ref
 from skimformer.kernels.merge import merge_count
 from skimformer.kernels.precision import mask_threshold
 from skimformer.kernels.tokens import kept_count
+from skimformer.kernels import window as window_ref
 from skimformer.kernels.window import window_size
 
 # The references' fp32 sentinel rank, also the kernels' masked logit: a finite fill that softmax
@@ -499,23 +501,6 @@ def _positions_kernel(mask_ptr, out_ptr, T, first_column, BLOCK: tl.constexpr):
         seen += tl.sum(count, axis=0)
 
 
-@triton.jit
-def _position_shift_kernel(mask_ptr, positions_ptr, idx_ptr, out_ptr, T, K, BLOCK: tl.constexpr):
-    """Each kept slot's position among the kept real tokens minus its position before."""
-    b = tl.program_id(0).to(tl.int64)
-    seen = tl.zeros([], tl.int64)
-    for start in range(0, K, BLOCK):
-        j = start + tl.arange(0, BLOCK)
-        j_ok = j < K
-        slot = tl.load(idx_ptr + b * K + j, mask=j_ok, other=0).to(tl.int64)
-        slot_ok = j_ok & (slot >= 0) & (slot < T)
-        count = tl.load(mask_ptr + b * T + slot, mask=slot_ok, other=0).to(tl.int64)
-        after = tl.maximum(seen + tl.cumsum(count, axis=0) - 1, 0)
-        before = tl.load(positions_ptr + b * T + slot, mask=slot_ok, other=0)
-        tl.store(out_ptr + b * K + j, after - before, mask=j_ok)
-        seen += tl.sum(count, axis=0)
-
-
 # ---------------------------------------------------------------------------------------------
 # launcher glue
 
@@ -818,20 +803,16 @@ def cache_positions(mask: Tensor, input_ids: Tensor) -> Tensor:
     return out
 
 
-def position_shift(mask: Tensor, idx: Tensor) -> Tensor:
-    """`position_shift_ref`: [B, K] position change of each kept slot (0, or negative once tokens
-    before it are evicted)."""
-    batch, t = mask.shape
-    count = idx.shape[1]
-    mask = _row_mask(mask)
-    out = torch.empty((idx.shape[0], count), dtype=torch.int64, device=mask.device)
-    if out.numel():
-        block = _block(t, MAX_BLOCK)
-        positions = torch.empty((batch, t), dtype=torch.int64, device=mask.device)
-        _positions_kernel[(batch,)](mask, positions, t, 0, BLOCK=block)
-        _position_shift_kernel[(idx.shape[0],)](mask, positions, idx.contiguous(), out, t, count,
-                                                BLOCK=_block(count, MAX_BLOCK))
-    return out
+def sink_index(idx: Tensor, sink: int, x: Tensor, dim: int) -> Tensor:
+    """`sink_index_ref`: an index, no arithmetic; built with torch's own copy."""
+    return window_ref.sink_index_ref(idx, sink, x, dim)
+
+
+def window_join(sinks: Tensor, x: Tensor, start: int, dim: int) -> Tensor:
+    """`window_join_ref`: `sinks`, then `x` from slot `start` on."""
+    dim = _token_dim(x, dim, "window_join")
+    last = torch.arange(start, x.shape[dim], device=sinks.device).expand(sinks.shape[0], x.shape[dim] - start)
+    return torch.cat([sinks, _gather(x, last, dim, "window_join")], dim)
 
 
 KERNELS: dict[str, Callable] = {
@@ -846,7 +827,8 @@ KERNELS: dict[str, Callable] = {
     "skim::bipartite_merge": bipartite_merge,
     "skim::window_tokens": window_tokens,
     "skim::cache_positions": cache_positions,
-    "skim::position_shift": position_shift,
+    "skim::sink_index": sink_index,
+    "skim::window_join": window_join,
 }
 
 
@@ -897,5 +879,4 @@ AOT: list[AotEntry] = [
          "*fp16 *fp32 *i64 *i64 *i64 *fp16 *fp32 i32 i32 i32 i32", BLOCK_Q=1024),
     _aot(_window_kernel, "window_tokens: int64 mask", "*i64 *i64 i32 i32 i32", BLOCK=1024),
     _aot(_positions_kernel, "cache_positions: int64 mask", "*i64 *i64 i32 i32", BLOCK=1024),
-    _aot(_position_shift_kernel, "position_shift: int64 mask", "*i64 *i64 *i64 *i64 i32 i32", BLOCK=256),
 ]

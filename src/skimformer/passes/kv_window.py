@@ -7,20 +7,27 @@ context length. Each step still attends over its full input cache plus its new t
 it hands on is the compressed one, with `attention_mask` (`[B, kept]`) as an extra output: the
 mask of that cache, which the engine grows step by step (DESIGN.md decoder convention).
 
-Positions are assigned within the cache, as the paper does: a token's position is the number
-of real tokens before it in the cache, for the new tokens' queries and keys alike (the program
-computes them from its mask and ignores the position ids it is fed). The paper caches keys
-before the rotary embedding and rotates the whole cache every step; here keys are cached rotated
-and, when tokens are evicted, the kept keys are rotated again by their position change (RoPE is a
-rotation: R(p - d) k = R(-d) R(p) k), which gives the same keys at the cost of rotating the cache
-only. Models with learned absolute positions (GPT-2, OPT) need no re-rotation; their queries also
-take positions within the cache, which is what keeps them inside the trained range.
+Positions are those of StreamingLLM: a token attends to its keys as if they sat at their places
+in the cache, so the distance from a query to a recent key is their distance in the text and
+the distance to a sink is as if the evicted tokens had never been. The paper caches keys before
+the rotary embedding and rotates the whole cache every step. A rotary model's program computes
+the same attention with almost none of that work, because RoPE's scores depend only on the
+difference of positions (R(a)q . R(b)k = q . R(b - a)k): queries and new keys rotate at the
+positions the program is fed (their places in the text), recent keys stay as they were cached,
+and only the sinks are rotated again, by as many tokens as each eviction removes. The cache is
+a slice of the grown one plus `sink` gathered tokens, so a step touches the window once (an
+engine attends over it and copies it, nothing more). The rotation at text positions bounds a
+fused ONNX Runtime engine, whose rotary tables cover 32,768 positions, to that many tokens per
+generation; `--portable` engines rotate at any position. Models with learned absolute positions
+(GPT-2, OPT) have nothing to rotate; their queries take positions within the cache, which is
+what keeps them inside the trained range, and the program ignores the position ids it is fed.
 While no token has been evicted (a cache shorter than `sink + window`), the program computes
 exactly what the original does. Ordering: apply before passes that change the cache's
 representation (kv-quant); not after a pass that already shortens the cache.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +45,7 @@ from skimformer.passes.registry import register
 
 NAME = "kv-window"
 skim = torch.ops.skim
+aten = torch.ops.aten
 
 
 @dataclass
@@ -59,6 +67,40 @@ def new_keys(key: fx.Node) -> fx.Node:
     return key
 
 
+def _evicted(graph: fx.Graph, mask: fx.Node, kept_mask: fx.Node) -> fx.Node:
+    """`[B, 1]`: the real tokens each row's eviction removes, the positions its sinks move by."""
+    real = lambda m: graph.call_function(aten.sum.dim_IntList, (m, [1], True))  # noqa: E731
+    return tag(graph.call_function(aten.sub.Tensor, (real(mask), real(kept_mask))), NAME)
+
+
+def _per_slot(graph: fx.Graph, evicted: fx.Node, sinks: fx.Node) -> fx.Node:
+    """`evicted` for each of the sinks' slots: the rotation's positions `[B, sinks]`."""
+    return tag(graph.call_function(aten.expand.default, (evicted, [-1, _size(graph, sinks, 2)])), NAME)
+
+
+def _recent_start(graph: fx.Graph, mask: fx.Node, idx: fx.Node, sinks: fx.Node) -> fx.Node:
+    """The slot from which on the grown cache is kept whole: `T - K + sinks`. Once per program:
+    an ONNX Runtime node costs microseconds, however small its tensors, and there are 60 caches."""
+    recent = graph.call_function(operator.sub, (_size(graph, idx, 1), _size(graph, sinks, 2)))
+    return graph.call_function(operator.sub, (_size(graph, mask, 1), recent))
+
+
+def _sinks(graph: fx.Graph, idx: fx.Node, sink: int, caches: dict) -> dict:
+    """Each cache's sinks, gathered with one index per cache shape (keys and values share one
+    in most models)."""
+    index, sinks = {}, {}
+    for name, cache in caches.items():
+        heads_and_width = tuple(cache.meta["val"].shape[i] for i in (1, 3))
+        if heads_and_width not in index:
+            index[heads_and_width] = tag(graph.call_function(skim.sink_index.default, (idx, sink, cache, 2)), NAME)
+        sinks[name] = tag(graph.call_function(aten.gather.default, (cache, 2, index[heads_and_width])), NAME)
+    return sinks
+
+
+def _size(graph: fx.Graph, node: fx.Node, dim: int) -> fx.Node:
+    return graph.call_function(aten.sym_size.int, (node, dim))
+
+
 def _rewrite(config: KVWindowConfig):
     def rewrite(program: Program, inputs: dict | None, dims: dict | None) -> tuple[Program, dict]:
         module = program.ep.module()
@@ -73,23 +115,31 @@ def _rewrite(config: KVWindowConfig):
             raise UserError(f"{NAME}: the {program.role} program has no {', '.join(missing)} input (decoder convention)")
         mask, positions = given[MASK], given["position_ids"]
         rotaries = [find_rotary(graph, new_keys(layer.key), positions) for layer in layers]
+        rotated = any(r is not None for r in rotaries)
         outputs = named_outputs(module)
         with graph.inserting_before(output_node(module)):
             idx = tag(graph.call_function(skim.window_tokens.default, (mask, config.sink, config.window)), NAME)
-            shift = tag(graph.call_function(skim.position_shift.default, (mask, idx)), NAME)
-            for layer, rotary in zip(layers, rotaries):
-                key = tag(graph.call_function(skim.gather_tokens.default, (layer.key, idx, 2)), NAME)
-                if rotary is not None:
-                    key = rotary.replay(graph, key, shift)
-                outputs[f"present_key_{layer.index}"] = key
-                outputs[f"present_value_{layer.index}"] = tag(
-                    graph.call_function(skim.gather_tokens.default, (layer.value, idx, 2)), NAME)
             kept_mask = tag(graph.call_function(skim.gather_tokens.default, (mask, idx, 1)), NAME)
+            caches = {(layer.index, kind): cache for layer in layers
+                      for kind, cache in (("key", layer.key), ("value", layer.value))}
+            sinks = _sinks(graph, idx, config.sink, caches)
+            first = next(iter(sinks.values()))
+            start = _recent_start(graph, mask, idx, first)
+            shift = _per_slot(graph, _evicted(graph, mask, kept_mask), first) if rotated else None
+            tables = {}
+            for layer, rotary in zip(layers, rotaries):
+                for kind, cache in (("key", layer.key), ("value", layer.value)):
+                    kept = sinks[layer.index, kind]
+                    if kind == "key" and rotary is not None:
+                        kept = rotary.replay(graph, kept, shift, tables)
+                    outputs[f"present_{kind}_{layer.index}"] = tag(
+                        graph.call_function(skim.window_join.default, (kept, cache, start, 2)), NAME)
         set_outputs(module, outputs)
         add_output(module, MASK, kept_mask)
-        with graph.inserting_after(positions):
-            in_cache = tag(graph.call_function(skim.cache_positions.default, (mask, given["input_ids"])), NAME)
-        positions.replace_all_uses_with(in_cache, delete_user_cb=lambda user: user is not in_cache)
+        if not rotated:  # learned positions: within the cache
+            with graph.inserting_after(positions):
+                in_cache = tag(graph.call_function(skim.cache_positions.default, (mask, given["input_ids"])), NAME)
+            positions.replace_all_uses_with(in_cache, delete_user_cb=lambda user: user is not in_cache)
         rewritten = reexport_decoder_program(program, module, inputs, dims)
         before = program.run(program.example_inputs) if inputs is None else None
         after = rewritten.run(rewritten.example_inputs)

@@ -23,7 +23,7 @@ also removes what surrounds attention:
   them, and its output goes straight to the output projection: no head transposes;
 - in a step with a past cache the rotary embedding runs inside the op (`do_rotary`, tables read
   off the model's own rotation and checked against it, `ir.rotary.rotary_candidates`), at the
-  positions the model rotates at (its position ids, or kv-window's positions within the cache).
+  positions the model rotates at, its position ids.
   A prefill keeps the model's rotation outside the op: the kernel takes only the first position
   of a prompt, and rows of a left-padded prompt start at different positions;
 - the kernel's length inputs and the bias are computed once per program, not per layer.
@@ -208,12 +208,10 @@ class _LayerRotary:
 
 
 def _rotary_positions(graph: fx.Graph) -> fx.Node | None:
-    """The positions the model rotates at: its `position_ids` input, or, where a pass gives
-    positions of its own (kv-window's positions within the cache), that op's."""
+    """The positions the model rotates at: its `position_ids` input, where a call reads it (not
+    only export's guard check)."""
     given = next((n for n in graph.nodes if n.op == "placeholder" and n.name == "position_ids"), None)
-    if given is not None and any(user.op == "call_function" for user in given.users):  # not export's guard check
-        return given
-    return next((n for n in graph.nodes if n.target is torch.ops.skim.cache_positions.default), None)
+    return given if given is not None and any(user.op == "call_function" for user in given.users) else None
 
 
 class _TableSource:
