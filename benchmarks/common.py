@@ -6,6 +6,7 @@ import sys
 import time
 import traceback
 
+import numpy as np
 import torch
 
 THREADS = 2
@@ -25,6 +26,26 @@ def median_ms(fn, warmup: int = 2, runs: int = 5, budget_s: float = 30.0) -> flo
         fn()
         samples.append((time.perf_counter() - t) * 1e3)
     return statistics.median(samples)
+
+
+def grown(tensors: dict[str, list[np.ndarray]], lengths: tuple[int, ...], n: int) -> dict[str, np.ndarray]:
+    """A decoder's carried tensors after `n` tokens, synthesized from its prefills at `lengths`
+    (one tensor each; the last two are read): an axis that grew between them grows on linearly
+    (its values tiled), one that stopped growing (a full window) stays. Decode speed does not
+    depend on the cache's content, so long contexts are timed without their prefill."""
+    l1, l2 = lengths[-2:]
+    out = {}
+    for name, values in tensors.items():
+        t1, t2 = values[-2:]
+        t = t2
+        for axis in range(1, t2.ndim):
+            a, b = t1.shape[axis], t2.shape[axis]
+            if a == b:
+                continue
+            size = max(1, round(b + (b - a) * (n - l2) / (l2 - l1)))
+            t = np.take(t, np.arange(size) % b, axis=axis)
+        out[name] = t
+    return out
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

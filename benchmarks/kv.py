@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import THREADS, Sections, interleaved_ms, print_table, setup_threads  # noqa: E402
+from common import THREADS, Sections, grown, interleaved_ms, print_table, setup_threads  # noqa: E402
 import tokens as T  # noqa: E402  (cached exports and engine builds, shared with the token-reduction benchmark)
 
 import transformers  # noqa: E402
@@ -221,24 +221,6 @@ def target(name: str, value: str, ok: bool | None, note: str = "") -> None:
 
 # -- speed: KV bytes and decode-step latency ------------------------------------------------------
 
-def _grown(tensors: dict[str, list[np.ndarray]], lengths: tuple[int, ...], n: int) -> dict[str, np.ndarray]:
-    """The carried tensors at context `n`, from prefills at `lengths` (the last one is the source):
-    an axis that grew between the last two lengths grows on linearly (values tiled); one that
-    stopped growing stays."""
-    (_, l1, l2) = lengths
-    out = {}
-    for name, (_, t1, t2) in tensors.items():
-        t = t2
-        for axis in range(1, t2.ndim):
-            a, b = t1.shape[axis], t2.shape[axis]
-            if a == b:
-                continue
-            size = max(1, round(b + (b - a) * (n - l2) / (l2 - l1)))
-            t = np.take(t, np.arange(size) % b, axis=axis)
-        out[name] = t
-    return out
-
-
 def _step_feeds(carried: dict[str, np.ndarray], mask_len: int, position: int, batch: int) -> dict:
     rep = {k: np.repeat(v, batch, axis=0) if v.shape[0] == 1 else v for k, v in carried.items()}
     return {"input_ids": np.full((batch, 1), 42, dtype=np.int64),
@@ -276,10 +258,10 @@ def speed_section() -> list[tuple]:
         if n in lengths:
             i = lengths.index(n)
             return {k: v[i] for k, v in per_name.items()}, mask_lens[i]
-        grown = _grown(per_name, lengths, n)
+        synthesized = grown(per_name, lengths, n)
         a, b = mask_lens[-2], mask_lens[-1]
         mask_len = b if a == b else round(b + (b - a) * (n - lengths[-1]) / (lengths[-1] - lengths[-2]))
-        return grown, mask_len
+        return synthesized, mask_len
 
     def kv_bytes(spec: str, n: int, batch: int = 1) -> int:
         return batch * sum(v.nbytes for v in carried_at(spec, n)[0].values())

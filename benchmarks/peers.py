@@ -2,14 +2,23 @@
 
 `make bench-peers`: genai's model builder runs on the same fp32 SmolLM2-135M folder (fp32 and
 int4 weights) in its own virtualenv (`make genai-env`), driven as a worker process; skimformer's
-engines run here. Every measurement goes round-robin over all systems, so machine drift falls on
-each alike; every engine uses the same thread count. Figures: prefill time at one prompt length,
-decode tokens/s after prompts of several lengths (prefill untimed, then `--steps` greedy steps
-timed), and each system's greedy tokens against genai fp32's over `--agree` tokens of a real
-prompt. Compressed caches also print, after each prompt at batch 1, their bytes ceiling:
-(weights + full KV bytes) / (weights + compressed KV bytes), the decode speed-up if decoding
-only streamed bytes, and the share of it reached by their decode speed against the same
-weights with a full cache (`none`, or `int4`).
+engines run here. Every engine uses the same thread count. Figures: prefill time at one prompt length,
+decode tokens/s after prompts of several lengths and batch sizes, and each system's greedy
+tokens against genai fp32's over `--agree` tokens of a real prompt. Compressed caches also
+print, for each decode column, their bytes ceiling: (weights + full KV bytes) / (weights +
+compressed KV bytes), the decode speed-up if decoding only streamed bytes, and the share of it
+reached by their decode speed against the same weights with a full cache (`none`, or `int4`).
+
+Decode speed: each system takes the prompt once (untimed) and keeps its cache; then `--steps`
+greedy steps are timed `--repeats` times, the median reported. genai always prefills the real
+prompt. skimformer prefills it up to 2,000 tokens (at batch > 1, its first row, repeated); at
+longer contexts its cache is synthesized from its own prefills of 1,000 and 2,000 tokens
+(`common.grown`: what grows, grows on; a full window stays), rows repeated: decode speed does
+not depend on the cache's content, and eight 8,000-token prefills a system would take most of
+an hour here.
+Systems take turns round-robin (machine drift falls on each alike) while their caches are
+small (batch x context <= 4,000 tokens); beyond, one system at a time holds its cache (ten
+caches of 8 x 8,000 tokens do not fit in memory), so those columns are in turn, not interleaved.
 
     python benchmarks/peers.py [--contexts 128,2000] [--batches 1] [--prefill 2000] [--steps 16]
         [--repeats 3] [--agree 128] [--systems none,portable,int4,genai-fp32,genai-int4,...]
@@ -31,10 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import THREADS, print_table, setup_threads  # noqa: E402
+from common import THREADS, grown, print_table, setup_threads  # noqa: E402
 
 from skimformer.backends.engine import Engine  # noqa: E402
 from skimformer.backends.generation import CopiedCache  # noqa: E402
+from skimformer.ir.signature import carried_input  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench-peers"
 GENAI_PY = ROOT / ".cache" / "genai-venv" / "bin" / "python"
@@ -45,6 +55,9 @@ SKIM = {"none": ("", {}), "portable": ("", {"portable": True}), "int4": ("", {"w
         "prompt-prune0.5": ("prompt-prune(keep=0.5)", {}),
         "int4+kv-quant8": ("kv-quant(scheme=channel, bits=8)", {"weights": "int4"})}
 GENAI = {"genai-fp32": "fp32", "genai-int4": "int4"}
+REAL_PREFILL = 2000  # the longest prompt skimformer's engines prefill at batch 1; beyond it, or batched, synthesized
+PROBES = (1000, 2000)  # the prefills a synthesized cache grows from
+INTERLEAVED = 4000  # batch x context up to which all systems hold their caches at once and take turns
 
 
 def progress(msg: str) -> None:
@@ -100,41 +113,85 @@ class GenaiWorker:
         return reply
 
 
+class _Synthesized:
+    """A prefill runner that returns a synthesized prefill's outputs (its cache, mask and logits)."""
+
+    def __init__(self, outputs: dict):
+        self.outputs = outputs
+
+    def run(self, feeds: dict) -> dict:
+        return self.outputs
+
+
 class SkimSystem:
     def __init__(self, name: str):
         self.name, self.engine = name, skim_engine(name)
+        self.probes = None
 
-    def _session(self, steps: int):
+    def _session(self, steps: int, prefill=None):
         make = getattr(self.engine.backend, "decoding_cache", None)
-        cache = make(self.engine.runners["prefill"], self.engine.runners["decode"], steps) if make else None
-        return cache or CopiedCache(self.engine.run)
+        prefill = prefill or self.engine.runners["prefill"]
+        cache = make(prefill, self.engine.runners["decode"], steps) if make else None
+        if cache:
+            return cache
+        return CopiedCache(lambda feeds, role: prefill.run(feeds) if role == "prefill" else self.engine.run(feeds, role))
 
     def prefill_ms(self, ids: np.ndarray) -> float:
         start = time.perf_counter()
         self._session(1).step(_prompt_feeds(ids), "prefill")
         return (time.perf_counter() - start) * 1e3
 
-    def decode(self, ids: np.ndarray, steps: int) -> tuple[float, np.ndarray]:
-        cache = self._session(steps + 1)  # room for `steps` fed tokens
-        out = cache.step(_prompt_feeds(ids), "prefill")
-        rows, mask = ids.shape[0], np.asarray(out.get("attention_mask", np.ones_like(ids)), dtype=np.int64)
-        position, tokens = ids.shape[1], []
-        start = time.perf_counter()
+    def hold(self, ids: np.ndarray, steps: int) -> None:
+        """Take the prompt `ids` (its cache synthesized past a real prefill's reach) into a
+        session with room for `steps` more tokens."""
+        rows, n = ids.shape
+        synthesized = None if rows == 1 and n <= REAL_PREFILL else _Synthesized(self._synthesized(ids))
+        self.cache = self._session(steps + 1, synthesized)
+        self.out = self.cache.step(_prompt_feeds(ids), "prefill")
+        self.kv_bytes = sum(v.nbytes for k, v in self.out.items() if k.startswith("present_"))
+        self.mask = np.asarray(self.out.get("attention_mask", np.ones_like(ids)), dtype=np.int64)
+        self.position = n
+
+    def resume(self, steps: int) -> float:
+        """Tokens/s of `steps` greedy steps of the held session."""
+        rows, tokens = self.mask.shape[0], []
+        out, mask, start = self.out, self.mask, time.perf_counter()
         for _ in range(steps):
             token = out["logits"][:, -1].argmax(-1)
             tokens.append(token)
             if "attention_mask" in out:
                 mask = np.asarray(out["attention_mask"], dtype=np.int64)
             mask = np.concatenate([mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
-            out = cache.step({"input_ids": token[:, None], "attention_mask": mask,
-                              "position_ids": np.full((rows, 1), position)}, "decode")
-            position += 1
-        return rows * steps / (time.perf_counter() - start), np.stack(tokens, 1)
+            out = self.cache.step({"input_ids": token[:, None], "attention_mask": mask,
+                                   "position_ids": np.full((rows, 1), self.position)}, "decode")
+            self.position += 1
+        self.out, self.mask, self.tokens = out, mask, np.stack(tokens, 1)
+        return rows * steps / (time.perf_counter() - start)
 
-    def kv_bytes(self, ids: np.ndarray) -> int:
-        """Bytes of the cache the prefill of `ids` hands to decoding (codes, windows and evictions as kept)."""
-        out = self.engine.run(_prompt_feeds(ids))
-        return sum(v.nbytes for k, v in out.items() if k.startswith("present_"))
+    def release(self) -> None:
+        self.cache = self.out = None
+
+    def decode(self, ids: np.ndarray, steps: int) -> tuple[float, np.ndarray]:
+        self.hold(ids, steps)
+        speed = self.resume(steps)
+        self.release()
+        return speed, self.tokens
+
+    def _synthesized(self, ids: np.ndarray) -> dict:
+        """The prefill outputs of the prompt `ids`: its first row's real prefill up to
+        REAL_PREFILL tokens, else grown from PROBES prefills; rows repeated."""
+        rows, n = ids.shape
+        if n <= REAL_PREFILL:
+            prefills, lengths = [_last_logits(self.engine.run(_prompt_feeds(ids[:1])))], (n,)
+        else:
+            if self.probes is None:  # kept without their logits but the last row's (400 MB each)
+                self.probes = [_last_logits(self.engine.run(_prompt_feeds(text_ids(length, 1)))) for length in PROBES]
+            prefills, lengths = self.probes, PROBES
+        carried = [k for k in prefills[0] if carried_input(k) or k == "attention_mask"]
+        out = {k: prefills[0][k] for k in carried} if len(prefills) == 1 else \
+            grown({k: [p[k] for p in prefills] for k in carried}, lengths, n)
+        out["logits"] = prefills[-1]["logits"]
+        return {k: np.repeat(v, rows, axis=0) for k, v in out.items()}
 
     def weight_bytes(self) -> int:
         """Bytes a decode step streams besides the cache: its engine file and weights."""
@@ -152,9 +209,22 @@ class GenaiSystem:
     def prefill_ms(self, ids: np.ndarray) -> float:
         return self.worker.ask({"prefill": ids.tolist()})["ms"]
 
+    def hold(self, ids: np.ndarray, steps: int) -> None:
+        self.worker.ask({"hold": ids.tolist(), "steps": steps})
+
+    def resume(self, steps: int) -> float:
+        return self.worker.ask({"continue": steps})["tok_s"]
+
+    def release(self) -> None:
+        self.worker.ask({"release": True})
+
     def decode(self, ids: np.ndarray, steps: int) -> tuple[float, np.ndarray]:
         reply = self.worker.ask({"decode": ids.tolist(), "steps": steps})
         return reply["tok_s"], np.asarray(reply["tokens"])
+
+
+def _last_logits(outputs: dict) -> dict:
+    return {**outputs, "logits": outputs["logits"][:, -1:].copy()}
 
 
 def _prompt_feeds(ids: np.ndarray) -> dict:
@@ -182,17 +252,37 @@ def rounds(systems: dict, measure, repeats: int) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def _ceilings(systems: dict, ids: np.ndarray, speed: dict, rows: dict, column: str) -> str:
+def decode_speeds(systems: dict, ids: np.ndarray, steps: int, repeats: int) -> dict[str, float]:
+    """Median tokens/s of `repeats` runs of `steps` steps after the prompt `ids`, per system:
+    round-robin with every cache held at once while they are small, else one system at a time."""
+    if ids.size <= INTERLEAVED:
+        for system in systems.values():
+            system.hold(ids, steps * repeats)
+        speed = rounds(systems, lambda s: s.resume(steps), repeats)
+        for system in systems.values():
+            system.release()
+        return speed
+    speed = {}
+    for name, system in systems.items():
+        progress(f"  {name}")
+        system.hold(ids, steps * repeats)
+        speed[name] = statistics.median(system.resume(steps) for _ in range(repeats))
+        system.release()
+    return speed
+
+
+def _ceilings(systems: dict, speed: dict, rows: dict, column: str) -> str:
     """For each compressed cache: its bytes ceiling, (weights + full cache bytes) / (weights +
-    compressed cache bytes) after the prompt `ids`, and the share of it that its decode speed
-    against the same weights with a full cache reached."""
-    compressed = {n: s for n, s in systems.items() if isinstance(s, SkimSystem) and n not in ("none", "portable", "int4")}
-    if not compressed:
+    compressed cache bytes) after the prompt just timed, and the share of it that its decode
+    speed against the same weights with a full cache reached."""
+    skim = {n: s for n, s in systems.items() if isinstance(s, SkimSystem)}
+    full = next((skim[n].kv_bytes for n in ("none", "int4", "portable") if n in skim), None)
+    compressed = {n: s for n, s in skim.items() if n not in ("none", "portable", "int4")}
+    if full is None or not compressed:
         return column
-    full = (systems.get("none") or SkimSystem("none")).kv_bytes(ids)
     for name, system in compressed.items():
         weights = system.weight_bytes()
-        ceiling = (weights + full) / (weights + system.kv_bytes(ids))
+        ceiling = (weights + full) / (weights + system.kv_bytes)
         reference = system.uncompressed()
         reached = f", reached {speed[name] / speed[reference] / ceiling:.2f}" if reference in speed else ""
         rows[name][column] = f"{ceiling:.2f}{reached}"
@@ -228,13 +318,12 @@ def main() -> None:
         for context in map(int, args.contexts.split(",")):
             ids = text_ids(context, batch)
             progress(f"decode after {context} tokens, batch {batch}")
-            speed = rounds(systems, lambda s: s.decode(ids, args.steps)[0], args.repeats)
+            speed = decode_speeds(systems, ids, args.steps, args.repeats)
             column = f"tok/s b{batch} @{context}"
             columns.append(column)
             for name, tok_s in speed.items():
                 rows[name][column] = f"{tok_s:.1f} ({tok_s / speed[base]:.2f}x)"
-            if batch == 1:
-                columns.append(_ceilings(systems, ids, speed, rows, f"bytes ceiling @{context}"))
+            columns.append(_ceilings(systems, speed, rows, f"ceiling b{batch} @{context}"))
     progress(f"greedy agreement with {base} over {args.agree} tokens")
     ids = text_ids(256, 1)
     reference = systems[base].decode(ids, args.agree)[1]

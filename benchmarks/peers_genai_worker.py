@@ -3,7 +3,10 @@
 
 Commands: {"load": FOLDER, "threads": N}; {"prefill": [[ids]]} -> {"ms"};
 {"decode": [[ids]], "steps": K} -> {"tok_s", "tokens"} (the prompt is appended untimed, then K
-greedy tokens are timed); {"generate": [[ids]], "steps": K} -> {"tokens"}.
+greedy tokens are timed); {"hold": [[ids]], "steps": K} -> {"ok"} (the prompt is appended and
+the generator kept, with room for K more tokens); {"continue": K} -> {"tok_s"} (K greedy tokens
+of the held generator, timed: decode speed after a long prompt without a prefill per round);
+{"release": true} -> {"ok"} (the held generator and its cache are freed).
 """
 import json
 import sys
@@ -14,6 +17,7 @@ import numpy as np
 import onnxruntime_genai as og
 
 model = None
+held = None
 
 
 def set_threads(folder: Path, threads: int) -> None:
@@ -31,13 +35,27 @@ def generator(ids: np.ndarray, steps: int):
     return gen
 
 
+def timed_steps(gen, steps: int) -> tuple[float, list]:
+    tokens, start = [], time.perf_counter()
+    for _ in range(steps):
+        gen.generate_next_token()
+        tokens.append(gen.get_next_tokens().tolist())
+    return time.perf_counter() - start, tokens
+
+
 def answer(command: dict) -> dict:
-    global model
+    global model, held
     if "load" in command:
         set_threads(Path(command["load"]), command["threads"])
         model = og.Model(command["load"])
         return {"ok": True}
-    ids = np.asarray(command.get("prefill") or command.get("decode") or command.get("generate"), dtype=np.int32)
+    if "continue" in command:
+        seconds, tokens = timed_steps(held, command["continue"])
+        return {"tok_s": len(tokens[0]) * len(tokens) / seconds}
+    held = None  # a new prompt, or a release: free the held generator's cache first
+    if "release" in command:
+        return {"ok": True}
+    ids = np.asarray(next(command[k] for k in ("prefill", "decode", "generate", "hold") if k in command), dtype=np.int32)
     steps = command.get("steps", 1)
     gen = generator(ids, steps)
     start = time.perf_counter()
@@ -45,11 +63,10 @@ def answer(command: dict) -> dict:
     prefill_ms = (time.perf_counter() - start) * 1e3
     if "prefill" in command:
         return {"ms": prefill_ms}
-    tokens, start = [], time.perf_counter()
-    for _ in range(steps):
-        gen.generate_next_token()
-        tokens.append(gen.get_next_tokens().tolist())
-    seconds = time.perf_counter() - start
+    if "hold" in command:
+        held = gen
+        return {"ok": True}
+    seconds, tokens = timed_steps(gen, steps)
     return {"tok_s": ids.shape[0] * steps / seconds, "tokens": np.array(tokens).T.tolist()}
 
 
