@@ -9,16 +9,19 @@ print, for each decode column, their bytes ceiling: (weights + full KV bytes) / 
 compressed KV bytes), the decode speed-up if decoding only streamed bytes, and the share of it
 reached by their decode speed against the same weights with a full cache (`none`, or `int4`).
 
-Decode speed: each system takes the prompt once (untimed) and keeps its cache; then `--steps`
-greedy steps are timed `--repeats` times, the median reported. genai always prefills the real
+Decode speed: each system takes the prompt once and keeps its cache, takes one step (all of this
+untimed); then `--steps` greedy steps are timed `--repeats` times, the median reported. genai always prefills the real
 prompt. skimformer prefills it up to 2,000 tokens (at batch > 1, its first row, repeated); at
 longer contexts its cache is synthesized from its own prefills of 1,000 and 2,000 tokens
 (`common.grown`: what grows, grows on; a full window stays), rows repeated: decode speed does
 not depend on the cache's content, and eight 8,000-token prefills a system would take most of
 an hour here.
 Systems take turns round-robin (machine drift falls on each alike) while their caches are
-small (batch x context <= 4,000 tokens); beyond, one system at a time holds its cache (ten
-caches of 8 x 8,000 tokens do not fit in memory), so those columns are in turn, not interleaved.
+small (batch x context <= 4,000 tokens); beyond, one system at a time is loaded and holds its
+cache (ten caches of 8 x 8,000 tokens do not fit in memory, nor genai's prefill of them beside
+other engines: it computes logits for all 64,000 prompt tokens, 12.6 GB, and takes a batched
+prompt in one piece), so those columns are in turn, not interleaved. The table is printed
+after every column, so that a run cut short keeps what it measured.
 
     python benchmarks/peers.py [--contexts 128,2000] [--batches 1] [--prefill 2000] [--steps 16]
         [--repeats 3] [--agree 128] [--systems none,portable,int4,genai-fp32,genai-int4,...]
@@ -125,8 +128,18 @@ class _Synthesized:
 
 class SkimSystem:
     def __init__(self, name: str):
-        self.name, self.engine = name, skim_engine(name)
+        self.name, self._engine = name, skim_engine(name)
         self.probes = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = skim_engine(self.name)
+        return self._engine
+
+    def unload(self) -> None:
+        """Free the engine's sessions and what their arenas hold (loaded again when used)."""
+        self._engine = None
 
     def _session(self, steps: int, prefill=None):
         make = getattr(self.engine.backend, "decoding_cache", None)
@@ -195,7 +208,7 @@ class SkimSystem:
 
     def weight_bytes(self) -> int:
         """Bytes a decode step streams besides the cache: its engine file and weights."""
-        return sum(f.stat().st_size for f in self.engine.folder.glob("decode.onnx*"))
+        return sum(f.stat().st_size for f in (CACHE / f"skim-{self.name}").glob("decode.onnx*"))
 
     def uncompressed(self) -> str:
         """The system with this one's weights and a full-precision cache."""
@@ -204,7 +217,20 @@ class SkimSystem:
 
 class GenaiSystem:
     def __init__(self, name: str):
-        self.worker = GenaiWorker(GENAI[name])
+        self.precision, self._worker = GENAI[name], None
+
+    @property
+    def worker(self) -> GenaiWorker:
+        if self._worker is None:
+            self._worker = GenaiWorker(self.precision)
+        return self._worker
+
+    def unload(self) -> None:
+        """End the worker process, and with it all it holds (started again when used)."""
+        if self._worker is not None:
+            self._worker.proc.stdin.close()
+            self._worker.proc.wait()
+            self._worker = None
 
     def prefill_ms(self, ids: np.ndarray) -> float:
         return self.worker.ask({"prefill": ids.tolist()})["ms"]
@@ -257,18 +283,28 @@ def decode_speeds(systems: dict, ids: np.ndarray, steps: int, repeats: int) -> d
     round-robin with every cache held at once while they are small, else one system at a time."""
     if ids.size <= INTERLEAVED:
         for system in systems.values():
-            system.hold(ids, steps * repeats)
+            _warm(system, ids, steps * repeats)
         speed = rounds(systems, lambda s: s.resume(steps), repeats)
         for system in systems.values():
             system.release()
         return speed
+    for system in systems.values():
+        system.unload()
     speed = {}
     for name, system in systems.items():
         progress(f"  {name}")
-        system.hold(ids, steps * repeats)
+        _warm(system, ids, steps * repeats)
         speed[name] = statistics.median(system.resume(steps) for _ in range(repeats))
         system.release()
+        system.unload()
     return speed
+
+
+def _warm(system, ids: np.ndarray, steps: int) -> None:
+    """Hold the prompt with room for `steps` timed steps after one untimed step: a session's
+    first run at new sizes plans its memory."""
+    system.hold(ids, steps + 1)
+    system.resume(1)
 
 
 def _ceilings(systems: dict, speed: dict, rows: dict, column: str) -> str:
@@ -324,6 +360,8 @@ def main() -> None:
             for name, tok_s in speed.items():
                 rows[name][column] = f"{tok_s:.1f} ({tok_s / speed[base]:.2f}x)"
             columns.append(_ceilings(systems, speed, rows, f"ceiling b{batch} @{context}"))
+            print_table(list(rows.values()), columns)
+            sys.stdout.flush()
     progress(f"greedy agreement with {base} over {args.agree} tokens")
     ids = text_ids(256, 1)
     reference = systems[base].decode(ids, args.agree)[1]

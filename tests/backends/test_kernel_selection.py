@@ -10,6 +10,7 @@ import torch
 
 from skimformer import UserError, load, optimize
 from skimformer.backends.generation import CopiedCache, generate
+from skimformer.backends.ort_kernels.attention import ROTARY_POSITIONS
 from skimformer.backends.ort_cache import InPlaceCache
 from tests.decoding import torch_runner
 
@@ -77,6 +78,15 @@ def test_portable_engine_has_standard_ops_only(portable):
     for role in ("prefill", "decode"):
         assert not [op for op in op_counts(portable.folder / f"{role}.onnx") if ":" in op]
     assert not portable.runners["decode"].in_place_cache
+    assert portable.runners["decode"].position_limit is None  # the model's own rotation: any position
+
+
+def test_generation_past_the_rotary_tables_is_refused_before_it_runs(fused):
+    """A kv-window engine streams past the model's context, up to the kernel's tables."""
+    assert fused.runners["decode"].position_limit == ROTARY_POSITIONS
+    prompt = np.arange(3, 11)[None]
+    with pytest.raises(UserError, match=r"cover 32,768 positions, and this generation reaches position 32,768.*--portable"):
+        fused.generate(prompt, max_new_tokens=ROTARY_POSITIONS - 6)
 
 
 def test_fused_engine_matches_the_programs_on_a_left_padded_batch(tiny_decoder, fused):

@@ -114,9 +114,20 @@ class Engine:
         static export)."""
         if not self.is_decoder:
             raise UserError("generate needs a decoder engine (prefill and decode programs)")
-        Prompt.of(prompt_ids, attention_mask, max_new_tokens).prefill(self.check_inputs)
+        prompt = Prompt.of(prompt_ids, attention_mask, max_new_tokens)
+        self._check_positions(int(prompt.positions.max()) + max_new_tokens - 1)
+        prompt.prefill(self.check_inputs)
         with self._own_steps():
             return self._generate(prompt_ids, max_new_tokens, attention_mask, eos_token_id, sampling)
+
+    def _check_positions(self, last: int) -> None:
+        """Refuse a generation whose last fed position the engine cannot rotate at, before it runs."""
+        limit = getattr(self.backend, "position_limit", None)
+        limit = limit(self.runners) if limit else None
+        if limit is not None and last >= limit:
+            raise UserError(f"this engine rotates positions inside ONNX Runtime's GroupQueryAttention, whose tables "
+                            f"cover {limit:,} positions, and this generation reaches position {last:,}: generate "
+                            f"fewer tokens, or build the engine with --portable")
 
     def _generate(self, prompt_ids, max_new_tokens: int, attention_mask, eos_token_id: int | None,
                   sampling: Sampling | None) -> Generation:

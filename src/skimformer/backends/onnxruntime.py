@@ -236,6 +236,7 @@ class Runner:
     """One ONNX Runtime session, fed and read by name."""
 
     def __init__(self, path: Path, threads: int | None = None, provider: str = "auto"):
+        import onnx
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -246,21 +247,20 @@ class Runner:
         self.provider = self.session.get_providers()[0]
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name.removesuffix(SAME_AS_INPUT) for o in self.session.get_outputs()]
-        self.in_place_cache = _cache_in_place(path)
+        graph = onnx.load(str(path), load_external_data=False).graph
+        self.in_place_cache = _cache_in_place(graph)
+        self.position_limit = _position_limit(graph)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {name: np.ascontiguousarray(inputs[name]) for name in self.input_names}
         return dict(zip(self.output_names, self.session.run(None, feeds)))
 
 
-def _cache_in_place(path: Path) -> bool:
+def _cache_in_place(graph) -> bool:
     """Whether every `past_*` input is read only by GroupQueryAttention (or for its batch size)
     and every `present_*` output is what one writes, so that a buffer larger than the tokens it
     holds can be bound to both and updated in place (a cache the program gathers from the grown
     one, a window or an eviction, is a new, shorter tensor every step)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
     past = {i.name for i in graph.input if i.name.startswith("past_")}
     written = {name for node in graph.node if node.op_type == "GroupQueryAttention" for name in node.output[1:3]}
     if not past or not {o.name for o in graph.output if o.name.startswith("present_")} <= written:
@@ -271,6 +271,19 @@ def _cache_in_place(path: Path) -> bool:
             if not (batch_size or (node.op_type == "GroupQueryAttention" and list(node.input).index(name) in (3, 4))):
                 return False
     return True
+
+
+def _position_limit(graph) -> int | None:
+    """The positions a GroupQueryAttention with the rotary embedding inside can rotate at: its
+    tables' rows (ONNX Runtime refuses a later position), or None where no kernel rotates."""
+    rows = {table.name: table.dims[0] for table in graph.initializer if table.dims}
+    tables = [node.input[7] for node in graph.node if node.op_type == "GroupQueryAttention" and len(node.input) > 7]
+    return min((rows[t] for t in tables if t in rows), default=None)
+
+
+def position_limit(runners: dict[str, Runner]) -> int | None:
+    """The first position an engine's programs cannot take (None: no limit of the engine's own)."""
+    return min((r.position_limit for r in runners.values() if r.position_limit), default=None)
 
 
 def decoding_cache(prefill: Runner, decode: Runner, max_new_tokens: int):
