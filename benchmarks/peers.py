@@ -29,6 +29,7 @@ after every column, so that a run cut short keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import statistics
@@ -138,8 +139,10 @@ class SkimSystem:
         return self._engine
 
     def unload(self) -> None:
-        """Free the engine's sessions and what their arenas hold (loaded again when used)."""
+        """Free the engine's sessions and what their arenas hold (loaded again when used); the
+        engine's objects refer to each other, so only a collection frees them."""
         self._engine = None
+        gc.collect()
 
     def _session(self, steps: int, prefill=None):
         make = getattr(self.engine.backend, "decoding_cache", None)

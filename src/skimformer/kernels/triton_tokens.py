@@ -37,10 +37,10 @@ from torch import Tensor
 from skimformer.kernels.aot import AotEntry
 from skimformer.kernels import merge as merge_ref
 from skimformer.kernels import tokens as tokens_ref
+from skimformer.kernels import window as window_ref
 from skimformer.kernels.merge import merge_count
 from skimformer.kernels.precision import mask_threshold
 from skimformer.kernels.tokens import kept_count
-from skimformer.kernels import window as window_ref
 from skimformer.kernels.window import window_size
 
 # The references' fp32 sentinel rank, also the kernels' masked logit: a finite fill that softmax

@@ -59,11 +59,11 @@ def sink_index_ref(idx: Tensor, sink: int, x: Tensor, dim: int) -> Tensor:
 
 def window_join_ref(sinks: Tensor, x: Tensor, start: int, dim: int) -> Tensor:
     """The kept cache: `sinks` (gathered by `sink_index`, rotated or not), then `x` from slot
-    `start` on. The kept slots after the sinks are always `x`'s last ones, the same for every row: the
-    window keeps the most recent tokens and puts padding only in front. So the bulk of a window
-    cache is a slice, not a gather. `start` is the program's (`T - K + min(K, sink)`, computed
-    once for every layer); one op rather than a slice and a cat in the program, because a part
-    that may be empty has a size export would guard on."""
+    `start` on. The kept slots after the sinks are always `x`'s last ones, the same for every
+    row: the window keeps the most recent tokens and puts padding only in front. So the bulk of
+    a window cache is a slice, not a gather. `start` is the program's (`T - K + min(K, sink)`,
+    computed once for every layer); one op rather than a slice and a cat in the program, because
+    a part that may be empty has a size export would guard on."""
     recent = batch_like(x, sinks)[(slice(None),) * dim + (slice(start, None),)]  # to the end: no size to compute
     return torch.cat([sinks, recent], dim)
 
