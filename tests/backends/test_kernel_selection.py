@@ -11,8 +11,7 @@ import torch
 from skimformer import UserError, load, optimize
 from skimformer.backends.generation import CopiedCache, generate
 from skimformer.backends.ort_kernels.attention import ROTARY_POSITIONS
-from skimformer.backends.onnxruntime import decoding_cache
-from skimformer.backends.ort_cache import BoundCache, InPlaceCache
+from skimformer.backends.ort_cache import InPlaceCache
 from tests.decoding import torch_runner
 
 
@@ -185,16 +184,14 @@ def test_pass_engines_attend_with_the_fused_kernel(tiny_engine, spec, fused, in_
     prefill-time eviction leave a plain growing cache to decode on; a self-speculative engine's
     draft and verify programs each grow their layers' caches; a window and H2O's eviction gather
     the cache they return from the one the kernel grows, so their cache is not kept in place (it
-    is a new, shorter tensor every step, handed on in ONNX Runtime's values); an exit's decode
-    step fuses the layers before its `If` and those inside the branch that runs them (its cache
-    passes through the `If`, not in place). The engine generates what its programs do, on a
-    prompt longer than the window and the eviction's budget."""
+    is a new, shorter tensor every step); an exit's decode step fuses the layers before its `If`
+    and those inside the branch that runs them (its cache passes through the `If`, not in place).
+    The engine generates what its programs do, on a prompt longer than the window and the
+    eviction's budget."""
     engine = tiny_engine(spec)
     for role, layers in fused.items():
         assert op_counts(engine.folder / f"{role}.onnx")["com.microsoft:GroupQueryAttention"] == layers, role
     assert engine.runners["decode"].in_place_cache == in_place
-    cache = decoding_cache(engine.runners["prefill"], engine.runners["decode"], 8)
-    assert isinstance(cache, InPlaceCache if in_place else BoundCache)
     ids, mask = padded_prompt(rows=1, pad=(0,))
     want = generate(torch_runner(load(engine.folder)), ids, 8, mask).ids
     np.testing.assert_array_equal(engine.generate(ids, 8, mask), want)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from skimformer import UserError, load, optimize
-from skimformer.backends.generation import CopiedCache, generate
 from skimformer.kernels.evict import (kv_accumulate_ref, kv_attention_scores_ref, kv_gather_ref,
                                       kv_key_norm_scores_ref, kv_select_by_counting, kv_select_ref)
 from skimformer.passes import PassManager, pipeline_from
@@ -184,10 +183,9 @@ def test_h2o_generate_keeps_the_cache_at_budget(h2o_engine):
         lengths.append((program, out["present_key_0"].shape[2], out.get("attention_mask", np.zeros((0, 0))).shape[-1]))
         return out
 
+    h2o_engine.run = recording
     prompt = h2o_engine.example_inputs("prefill")
-    # the copying loop, whose every step goes through `run` (the engine's own keeps the cache in
-    # ONNX Runtime's values; it generates the same tokens, tests/backends/test_kernel_selection.py)
-    tokens = generate(recording, prompt["input_ids"], 10, prompt["attention_mask"], cache=CopiedCache(recording)).ids
+    tokens = h2o_engine.generate(prompt["input_ids"], max_new_tokens=10, attention_mask=prompt["attention_mask"])
     assert tokens.shape == (2, 10)
     assert lengths[0] == ("prefill", N, N)
     assert [n for _, n, _ in lengths[1:]] == [17, 18] + [BUDGET] * 7

@@ -287,8 +287,7 @@ def position_limit(runners: dict[str, Runner]) -> int | None:
 
 
 def decoding_cache(prefill: Runner, decode: Runner, max_new_tokens: int):
-    """The cache `generate` keeps between steps: in place when the decode engine allows it, else
-    in ONNX Runtime's values from step to step."""
-    from skimformer.backends.ort_cache import BoundCache, InPlaceCache
+    """The cache `generate` keeps between steps: in place when the decode engine allows it."""
+    from skimformer.backends.ort_cache import InPlaceCache
 
-    return InPlaceCache(prefill, decode, max_new_tokens) if decode.in_place_cache else BoundCache(prefill, decode)
+    return InPlaceCache(prefill, decode, max_new_tokens) if decode.in_place_cache else None

@@ -1,17 +1,10 @@
-"""The decoding state of an ONNX Runtime engine between steps, kept in ONNX Runtime's values.
+"""The decoding state of an ONNX Runtime engine whose cache GroupQueryAttention updates in place.
 
-`InPlaceCache`: where GroupQueryAttention updates the cache in place. After the prefill, each
-layer's cache is copied once into a buffer preallocated for the longest sequence the generation
-feeds (the prompt and every generated token but the last); every decode step binds that buffer
-(ONNX Runtime I/O binding) as both the `past_*` input and the `present_*` output, so the kernel
-appends the step's keys and values where they belong and nothing of the cache is copied or goes
-through numpy.
-
-`BoundCache`: where a step's cache is a new tensor (a window, an eviction, a pass's state): each
-step's carried outputs stay ONNX Runtime values, bound as the next step's inputs, instead of a
-copy into numpy and back (the whole cache, every step).
-
-Either way only the step's small inputs and the outputs the loop reads (logits, a returned mask,
+After the prefill, each layer's cache is copied once into a buffer preallocated for the longest
+sequence the generation feeds (the prompt and every generated token but the last); every decode step binds that buffer (ONNX Runtime I/O
+binding) as both the `past_*` input and the `present_*` output, so the kernel appends the
+step's keys and values where they belong and nothing of the cache is copied or goes through
+numpy. Only the step's small inputs and the outputs the loop reads (logits, a returned mask,
 `exit_layer`) cross into numpy.
 """
 from __future__ import annotations
@@ -20,45 +13,6 @@ import numpy as np
 
 from skimformer.backends.speculation import SEQUENCE_AXIS
 from skimformer.ir.signature import carried_input
-
-
-# bytes per element of the tensor types a carried output has (OrtValue.data_type())
-_ITEM_BYTES = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(bfloat16)": 2, "tensor(int64)": 8,
-               "tensor(int32)": 4, "tensor(int8)": 1, "tensor(uint8)": 1, "tensor(bool)": 1}
-
-
-class BoundCache:
-    """`generate`'s cache for an engine whose decode step returns a new cache tensor."""
-
-    def __init__(self, prefill, decode):
-        self.runners = {"prefill": prefill, "decode": decode}
-        self.carried: dict[str, object] = {}  # input name -> OrtValue
-
-    def step(self, feeds: dict, role: str) -> dict:
-        import onnxruntime as ort
-
-        if role == "prefill":  # its outputs are numpy already: carried on without a copy
-            outputs = self.runners["prefill"].run(feeds)
-            self.carried = {carried_input(k): ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
-                            for k, v in outputs.items() if carried_input(k)}
-            return outputs
-        runner = self.runners["decode"]
-        binding = runner.session.io_binding()
-        for name in runner.input_names:
-            if name in self.carried:
-                binding.bind_ortvalue_input(name, self.carried[name])
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
-        for output in runner.session.get_outputs():
-            binding.bind_output(output.name, "cpu")
-        runner.session.run_with_iobinding(binding)
-        values = dict(zip(runner.output_names, binding.get_outputs()))
-        self.carried = {carried_input(k): v for k, v in values.items() if carried_input(k)}
-        return {k: v.numpy() for k, v in values.items() if not carried_input(k)}
-
-    @property
-    def bytes(self) -> int:
-        return int(sum(np.prod(v.shape()) * _ITEM_BYTES[v.data_type()] for v in self.carried.values()))
 
 
 class InPlaceCache:
