@@ -29,6 +29,7 @@ after every column, so that a run cut short keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import shutil
@@ -231,7 +232,8 @@ class GenaiSystem:
     def unload(self) -> None:
         """End the worker process, and with it all it holds (started again when used)."""
         if self._worker is not None:
-            self._worker.proc.stdin.close()
+            with contextlib.suppress(BrokenPipeError):  # a worker that died
+                self._worker.proc.stdin.close()
             self._worker.proc.wait()
             self._worker = None
 
@@ -296,9 +298,12 @@ def decode_speeds(systems: dict, ids: np.ndarray, steps: int, repeats: int) -> d
     speed = {}
     for name, system in systems.items():
         progress(f"  {name}")
-        _warm(system, ids, steps * repeats)
-        speed[name] = statistics.median(system.resume(steps) for _ in range(repeats))
-        system.release()
+        try:
+            _warm(system, ids, steps * repeats)
+            speed[name] = statistics.median(system.resume(steps) for _ in range(repeats))
+            system.release()
+        except (RuntimeError, ValueError, OSError) as e:  # a genai worker out of memory ends its pipe
+            progress(f"  {name} failed: {type(e).__name__}: {e}"[:200])
         system.unload()
     return speed
 
@@ -323,7 +328,7 @@ def _ceilings(systems: dict, speed: dict, rows: dict, column: str) -> str:
         weights = system.weight_bytes()
         ceiling = (weights + full) / (weights + system.kv_bytes)
         reference = system.uncompressed()
-        reached = f", reached {speed[name] / speed[reference] / ceiling:.2f}" if reference in speed else ""
+        reached = f", reached {speed[name] / speed[reference] / ceiling:.2f}" if {name, reference} <= set(speed) else ""
         rows[name][column] = f"{ceiling:.2f}{reached}"
     return column
 
@@ -360,8 +365,9 @@ def main() -> None:
             speed = decode_speeds(systems, ids, args.steps, args.repeats)
             column = f"tok/s b{batch} @{context}"
             columns.append(column)
-            for name, tok_s in speed.items():
-                rows[name][column] = f"{tok_s:.1f} ({tok_s / speed[base]:.2f}x)"
+            for name in systems:
+                rows[name][column] = f"{speed[name]:.1f} ({speed[name] / speed[base]:.2f}x)" if name in speed and \
+                    base in speed else f"{speed[name]:.1f}" if name in speed else "failed (see log)"
             columns.append(_ceilings(systems, speed, rows, f"ceiling b{batch} @{context}"))
             print_table(list(rows.values()), columns)
             sys.stdout.flush()
