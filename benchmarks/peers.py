@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import shutil
@@ -263,13 +264,20 @@ def _prompt_feeds(ids: np.ndarray) -> dict:
             "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
 
 
-def text_ids(tokens: int, batch: int) -> np.ndarray:
-    """`batch` rows of `tokens` real-text token ids (passages of the shipped texts, the model's tokenizer)."""
-    from skimformer.zoo import real, texts
+@functools.cache
+def _tokenizer():
+    from skimformer.zoo import real
 
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(real.smollm2_dir(), local_files_only=True)
+    return AutoTokenizer.from_pretrained(real.smollm2_dir(), local_files_only=True)
+
+
+def text_ids(tokens: int, batch: int) -> np.ndarray:
+    """`batch` rows of `tokens` real-text token ids (passages of the shipped texts, the model's tokenizer)."""
+    from skimformer.zoo import texts
+
+    tok = _tokenizer()
     rows = [tok(texts.passage(tokens, row, tok))["input_ids"][:tokens] for row in range(batch)]
     return np.array(rows, dtype=np.int64)
 
@@ -319,7 +327,7 @@ def _ceilings(systems: dict, speed: dict, rows: dict, column: str) -> str:
     """For each compressed cache: its bytes ceiling, (weights + full cache bytes) / (weights +
     compressed cache bytes) after the prompt just timed, and the share of it that its decode
     speed against the same weights with a full cache reached."""
-    skim = {n: s for n, s in systems.items() if isinstance(s, SkimSystem)}
+    skim = {n: s for n, s in systems.items() if isinstance(s, SkimSystem) and n in speed}  # measured in this column
     full = next((skim[n].kv_bytes for n in ("none", "int4", "portable") if n in skim), None)
     compressed = {n: s for n, s in skim.items() if n not in ("none", "portable", "int4")}
     if full is None or not compressed:
@@ -328,7 +336,7 @@ def _ceilings(systems: dict, speed: dict, rows: dict, column: str) -> str:
         weights = system.weight_bytes()
         ceiling = (weights + full) / (weights + system.kv_bytes)
         reference = system.uncompressed()
-        reached = f", reached {speed[name] / speed[reference] / ceiling:.2f}" if {name, reference} <= set(speed) else ""
+        reached = f", reached {speed[name] / speed[reference] / ceiling:.2f}" if reference in speed else ""
         rows[name][column] = f"{ceiling:.2f}{reached}"
     return column
 

@@ -126,14 +126,13 @@ def _rewrite(config: KVWindowConfig):
             first = next(iter(sinks.values()))
             start = _recent_start(graph, mask, idx, first)
             shift = _per_slot(graph, _evicted(graph, mask, kept_mask), first) if rotated else None
-            tables = {}
-            for layer, rotary in zip(layers, rotaries):
-                for kind, cache in (("key", layer.key), ("value", layer.value)):
-                    kept = sinks[layer.index, kind]
-                    if kind == "key" and rotary is not None:
-                        kept = rotary.replay(graph, kept, shift, tables)
-                    outputs[f"present_{kind}_{layer.index}"] = tag(
-                        graph.call_function(skim.window_join.default, (kept, cache, start, 2)), NAME)
+            rotary_of, tables = {layer.index: rotary for layer, rotary in zip(layers, rotaries)}, {}
+            for (index, kind), cache in caches.items():
+                kept = sinks[index, kind]
+                if kind == "key" and rotary_of[index] is not None:
+                    kept = rotary_of[index].replay(graph, kept, shift, tables)
+                outputs[f"present_{kind}_{index}"] = tag(
+                    graph.call_function(skim.window_join.default, (kept, cache, start, 2)), NAME)
         set_outputs(module, outputs)
         add_output(module, MASK, kept_mask)
         if not rotated:  # learned positions: within the cache
